@@ -1,0 +1,21 @@
+# The two set-up commands: `make test` and `make demo`. Both provision a real ComfyUI first
+# (cached under ~/.cache, keyed on the pins; COMFYUI_DIR=/path/to/ComfyUI uses your own).
+SHELL := /bin/bash
+PROVISION = eval "$$(bash tools/provision.sh)"
+PYTEST_ARGS ?=
+SUITE ?= all
+QUICK ?=
+
+.PHONY: test demo bench provision
+
+provision:
+	@$(PROVISION); echo "ComfyUI: $$COMFYUI_DIR"; echo "Python:  $$COMFY_PYTHON"
+
+test:
+	@set -e; $(PROVISION); "$$COMFY_PYTHON" -m pytest $(PYTEST_ARGS)
+
+demo:
+	@set -e; $(PROVISION); "$$COMFY_PYTHON" tools/demo.py
+
+bench:
+	@set -e; $(PROVISION); QUICK=$(QUICK) "$$COMFY_PYTHON" bench/run.py $(SUITE)

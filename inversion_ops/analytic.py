@@ -1,0 +1,84 @@
+"""Closed-form reference models with exact answers, for tests and benchmarks (no ComfyUI).
+
+- `LinearVAE`: decode(z) = A z + b with a full-column-rank A, encode(x) = pinv(A) (x - b),
+  so E is the exact left-inverse of D and E(D(z)) = z.
+- `GaussianMixtureDenoiser`: data x0 ~ sum_k w_k N(mu_k, s_k^2 I); the MMSE denoiser
+  D(x, sigma) = E[x0 | x] in closed form, for EPS (x = x0 + sigma*n) or flow
+  (x = (1 - sigma)*x0 + sigma*n). `cfg_denoiser` combines two of them as CFG does.
+"""
+import torch
+
+
+class LinearVAE:
+    def __init__(self, latent_shape=(4, 8, 8), scale=8, channels=3, seed=0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        self.latent_shape = tuple(latent_shape)
+        c, h, w = latent_shape
+        self.image_shape = (channels, h * scale, w * scale)
+        n_z, n_x = c * h * w, channels * h * w * scale * scale
+        self.A = (torch.randn(n_x, n_z, generator=g, dtype=torch.float64) / n_z ** 0.5)
+        self.b = 0.5 + 0.1 * torch.randn(n_x, generator=g, dtype=torch.float64)
+        self.A_pinv = torch.linalg.pinv(self.A)
+        self.dtype = dtype
+
+    def decode(self, z):
+        x = z.flatten(1).to(torch.float64) @ self.A.T + self.b
+        return x.view(z.shape[0], *self.image_shape).to(z.dtype)
+
+    def encode(self, x):
+        z = (x.flatten(1).to(torch.float64) - self.b) @ self.A_pinv.T
+        return z.view(x.shape[0], *self.latent_shape).to(x.dtype)
+
+
+class GaussianMixtureDenoiser:
+    """MMSE denoiser of an isotropic Gaussian mixture; `parameterization` is 'eps' or 'flow'."""
+
+    def __init__(self, means, stds, weights, parameterization="eps"):
+        self.means = torch.as_tensor(means, dtype=torch.float64)        # (K, *shape)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)          # (K,)
+        self.log_w = torch.log(torch.as_tensor(weights, dtype=torch.float64))
+        if parameterization not in ("eps", "flow"):
+            raise ValueError(f"parameterization must be 'eps' or 'flow', got {parameterization!r}")
+        self.parameterization = parameterization
+        self.calls = 0
+
+    @classmethod
+    def random(cls, shape=(4, 8, 8), components=3, seed=0, parameterization="eps", weights=None):
+        g = torch.Generator().manual_seed(seed)
+        means = torch.randn(components, *shape, generator=g, dtype=torch.float64)
+        stds = 0.2 + 0.3 * torch.rand(components, generator=g, dtype=torch.float64)
+        weights = weights if weights is not None else [1.0 / components] * components
+        return cls(means, stds, weights, parameterization)
+
+    def signal_scale(self, sigma):
+        return 1 - sigma if self.parameterization == "flow" else torch.ones_like(sigma)
+
+    def sample(self, n, generator=None):
+        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        noise = torch.randn(n, *self.means.shape[1:], generator=generator, dtype=torch.float64)
+        return self.means[k] + self.stds[k].view(-1, *[1] * (noise.ndim - 1)) * noise
+
+    def __call__(self, x, sigma):
+        """D(x, sigma) = E[x0 | x_sigma = x]; sigma is a scalar or a (B,) tensor."""
+        self.calls += 1
+        dtype = x.dtype
+        x64 = x.to(torch.float64).flatten(1)                               # (B, d)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)  # (B or 1, 1)
+        a = self.signal_scale(sigma)                                       # x = a*x0 + sigma*n
+        mu = self.means.flatten(1)                                         # (K, d)
+        var = a ** 2 * self.stds ** 2 + sigma ** 2                          # (B, K)
+        d = mu.shape[1]
+        sq = (x64[:, None, :] - a[:, :, None] * mu[None]).pow(2).sum(-1)    # (B, K)
+        log_r = self.log_w - 0.5 * sq / var - 0.5 * d * torch.log(var)
+        r = torch.softmax(log_r, dim=1)                                    # (B, K)
+        gain = a * self.stds ** 2 / var                                    # (B, K)
+        post = mu[None] + gain[:, :, None] * (x64[:, None, :] - a[:, :, None] * mu[None])
+        return (r[:, :, None] * post).sum(1).view(x.shape).to(dtype)
+
+
+def cfg_denoiser(cond, uncond, cfg):
+    """Classifier-free guidance over two denoisers: D_u + cfg * (D_c - D_u)."""
+    def denoise(x, sigma):
+        d_u = uncond(x, sigma)
+        return d_u + cfg * (cond(x, sigma) - d_u)
+    return denoise

