@@ -1,0 +1,172 @@
+"""Backward-Euler exact inversion (Hong et al. 2024) on the closed-form Gaussian-mixture denoiser.
+
+The analytic model runs in float64, so per-step solves can reach ~1e-12 and the tolerances
+below come from the solver tolerance (1e-6 RMS per element here) amplified by the sampler's
+contraction (x0 spreads ~0.3 where x_T spreads ~15, so ~50x), not from model error.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+from inversion_ops import backward_euler as be
+from inversion_ops.analytic import GaussianMixtureDenoiser, cfg_denoiser
+from inversion_ops.common import nmse_db
+
+TOL = 1e-6
+# tiny tensors: intra-op threads only contend for the 2 shared cores (softmax took ms per call)
+torch.set_num_threads(1)
+
+
+def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
+    """ComfyUI's karras schedule for an SD1.5-like EPS model, descending, ending at 0."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def flow_sigmas(steps, shift=3.0):
+    """SD3-style shifted flow schedule, descending from exactly 1.0 to 0."""
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def make_case(parameterization, cfg, steps, batch=1, seed=1):
+    """Cond / uncond mixtures on the same components with different weights, so CFG matters."""
+    cond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.6, 0.3, 0.1])
+    uncond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.2, 0.3, 0.5])
+    sigmas = karras_sigmas(steps) if parameterization == "eps" else flow_sigmas(steps)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, 4, 8, 8, generator=g, dtype=torch.float64) * sigmas[0]
+    return cfg_denoiser(cond, uncond, cfg), sigmas, noise
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "flow"])
+def test_exact_euler_inversion_recovers_noise_below_minus_60_db(parameterization):
+    denoise, sigmas, noise = make_case(parameterization, cfg=1.0, steps=10)
+    image = be.sample_euler(denoise, noise, sigmas)
+    recovered, info = be.exact_inversion_euler(denoise, image, sigmas.flip(0), tol=TOL)
+    # per-step residual 1e-6 x ~50 contraction is ~-80 dB; -60 dB leaves margin
+    assert nmse_db(recovered, noise).max() < -60
+    assert not any(any(capped) for capped in info.hit_cap)
+    assert max(max(r) for r in info.residuals) < TOL
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "flow"])
+def test_exact_euler_beats_naive_by_20_db_at_cfg_5(parameterization):
+    denoise, sigmas, noise = make_case(parameterization, cfg=5.0, steps=10)
+    image = be.sample_euler(denoise, noise, sigmas)
+    naive, _ = be.naive_inversion(denoise, image, sigmas.flip(0))
+    exact, _ = be.exact_inversion_euler(denoise, image, sigmas.flip(0), tol=TOL)
+    # naive is off by ~-10 dB here (visibly wrong); exact is limited only by the tolerance
+    assert nmse_db(naive, noise).max() > -15
+    assert nmse_db(exact, noise).max() < nmse_db(naive, noise).min() - 20
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "flow"])
+def test_dpmpp_2m_paper_pass_beats_naive_by_10_db(parameterization):
+    denoise, sigmas, noise = make_case(parameterization, cfg=1.0, steps=10)
+    image = be.sample_dpmpp_2m(denoise, noise, sigmas)
+    naive, _ = be.naive_inversion(denoise, image, sigmas.flip(0))
+    paper, _ = be.exact_inversion_dpmpp_2m(denoise, image, sigmas.flip(0), tol=TOL, refine_passes=0)
+    # the held-fixed old_denoised from a fine naive path is approximate: a clear gain, not exact
+    assert nmse_db(paper, noise).max() < nmse_db(naive, noise).min() - 10
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "flow"])
+def test_dpmpp_2m_refined_inversion_round_trips_below_minus_60_db(parameterization):
+    denoise, sigmas, noise = make_case(parameterization, cfg=1.0, steps=10)
+    image = be.sample_dpmpp_2m(denoise, noise, sigmas)
+    naive, _ = be.naive_inversion(denoise, image, sigmas.flip(0))
+    exact, _ = be.exact_inversion_dpmpp_2m(denoise, image, sigmas.flip(0), tol=TOL)
+    # refine passes converge to the exact multistep inverse: same budget as the Euler test
+    assert nmse_db(exact, noise).max() < -60
+    assert nmse_db(exact, noise).max() < nmse_db(naive, noise).min() - 20
+    regenerated = be.sample_dpmpp_2m(denoise, exact, sigmas)
+    assert nmse_db(regenerated, image).max() < -60
+
+
+def test_anderson_needs_at_most_a_third_of_the_fixed_point_model_calls():
+    denoise, sigmas, noise = make_case("eps", cfg=3.0, steps=10)
+    image = be.sample_euler(denoise, noise, sigmas)
+    runs = {solver: be.exact_inversion_euler(denoise, image, sigmas.flip(0), solver=solver, tol=TOL)
+            for solver in ("fixed_point", "anderson")}
+    for _, info in runs.values():   # both reach the same per-step tolerance
+        assert not any(any(capped) for capped in info.hit_cap)
+        assert max(max(r) for r in info.residuals) < TOL
+    assert 3 * runs["anderson"][1].model_calls <= runs["fixed_point"][1].model_calls
+
+
+@pytest.mark.parametrize("active_only", [False, True])
+@pytest.mark.parametrize("method", ["euler", "dpmpp_2m"])
+def test_batch_of_two_equals_two_single_runs(method, active_only):
+    # cfg 1 keeps every per-step equation well posed, so no sample ends at the iteration cap
+    denoise, sigmas, noise = make_case("eps", cfg=1.0, steps=6, batch=2)
+    sample = be.sample_euler if method == "euler" else be.sample_dpmpp_2m
+    invert = be.exact_inversion_euler if method == "euler" else be.exact_inversion_dpmpp_2m
+    image = sample(denoise, noise, sigmas)
+    batched, info = invert(denoise, image, sigmas.flip(0), tol=TOL, active_only=active_only)
+    singles = [invert(denoise, image[b:b + 1], sigmas.flip(0), tol=TOL)[0] for b in range(2)]
+    # per-sample stopping makes each row's arithmetic identical; 1e-9 allows BLAS reordering
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=0, atol=1e-9)
+    assert not any(any(capped) for capped in info.hit_cap)
+    assert len(info.sample_evaluations) == 2
+
+
+@pytest.mark.parametrize("method", ["naive", "euler", "dpmpp_2m"])
+def test_flow_schedule_ending_at_sigma_one_is_finite(method):
+    denoise, sigmas, noise = make_case("flow", cfg=5.0, steps=4, batch=2)
+    assert sigmas[0] == 1.0
+    image = be.sample_euler(denoise, noise, sigmas)
+    invert = {"naive": be.naive_inversion, "euler": be.exact_inversion_euler,
+              "dpmpp_2m": be.exact_inversion_dpmpp_2m}[method]
+    recovered, info = invert(denoise, image.float(), sigmas.flip(0).float())
+    assert torch.isfinite(recovered).all()
+    assert all(torch.isfinite(torch.tensor(r)).all() for r in info.residuals)
+
+
+def test_dpmpp_2m_step_to_sigma_zero_returns_the_denoised_estimate():
+    x, denoised = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    out = be.dpmpp_2m_step(x, denoised, torch.randn_like(x), torch.tensor(2.0), torch.tensor(0.5),
+                           torch.tensor(0.0))
+    torch.testing.assert_close(out, denoised, rtol=0, atol=0)   # exp(-inf) = 0, expm1(-inf) = -1
+
+
+def test_descending_sigmas_are_refused():
+    denoise, sigmas, noise = make_case("eps", cfg=1.0, steps=4)
+    with pytest.raises(ValueError, match="ascending"):
+        be.exact_inversion_euler(denoise, noise, sigmas)
+
+
+@pytest.fixture(scope="module")
+def comfy_sampling():
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir or not os.path.isdir(comfy_dir):
+        pytest.skip("COMFYUI_DIR not set: run `eval \"$(bash tools/provision.sh)\"`")
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True   # CPU torch: keep model_management off CUDA
+    import comfy.k_diffusion.sampling as sampling
+    return sampling
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_reference_samplers_match_comfyui_bit_for_bit(comfy_sampling, sampler):
+    denoise, sigmas, noise = make_case("eps", cfg=3.0, steps=6)
+    sigmas, noise = sigmas.float(), noise.float()
+    model = lambda x, sigma, **kwargs: denoise(x, sigma)
+    ours = {"euler": be.sample_euler, "dpmpp_2m": be.sample_dpmpp_2m}[sampler]
+    theirs = getattr(comfy_sampling, f"sample_{sampler}")
+    assert torch.equal(ours(denoise, noise, sigmas), theirs(model, noise, sigmas, disable=True))
+
+
+def test_naive_inversion_matches_flipsigmas_plus_comfyui_euler(comfy_sampling):
+    denoise, sigmas, noise = make_case("eps", cfg=3.0, steps=6)
+    image = be.sample_euler(denoise, noise.float(), sigmas.float())
+    flipped = sigmas.float().flip(0).clone()
+    flipped[0] = 1e-4   # what FlipSigmas does to a leading 0
+    model = lambda x, sigma, **kwargs: denoise(x, sigma)
+    ours, _ = be.naive_inversion(denoise, image, sigmas.float().flip(0))
+    assert torch.equal(ours, comfy_sampling.sample_euler(model, image, flipped, disable=True))
