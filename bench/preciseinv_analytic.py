@@ -1,0 +1,103 @@
+"""PreciseInv vs naive (and exact backward-Euler) inversion on the closed-form Gaussian mixture.
+
+run(quick) -> list of rows {model, steps, cfg, method, recon_nmse_db, model_calls_forward,
+model_calls_backward, seconds}: invert x0 along the schedule, regenerate with ComfyUI's Euler
+arithmetic (same denoiser, same cfg), NMSE to x0 in dB (mean over samples). Models: EPS with the
+SD1.5 "simple" schedule (sigma_max 14.6), flow with a shift-3 schedule ending at sigma = 1.
+CFG 3 mixes two mixtures with the same components and different weights (cfg_denoiser).
+`python bench/preciseinv_analytic.py [--quick]` prints a markdown table.
+"""
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from inversion_ops.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
+from inversion_ops.common import euler_step, nmse_db  # noqa: E402
+from inversion_ops.preciseinv import naive_inversion, preciseinv  # noqa: E402
+
+try:  # exact backward Euler (Hong et al. 2024), another module of this pack
+    from inversion_ops.backward_euler import exact_inversion_euler
+except ImportError:  # pragma: no cover
+    exact_inversion_euler = None
+
+COLUMNS = ("model", "steps", "cfg", "method", "recon_nmse_db", "model_calls_forward",
+           "model_calls_backward", "seconds")
+
+
+def sd_simple_sigmas(steps):
+    """Ascending sigmas of ComfyUI's 'simple' scheduler on SD1.5's scaled-linear schedule, 0 first."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    stride = len(sigmas) / steps
+    descending = [float(sigmas[-(1 + int(i * stride))]) for i in range(steps)] + [0.0]
+    return descending[::-1]
+
+
+def flow_sigmas(steps, shift=3.0):
+    """Ascending flow sigmas 0 -> 1 (exactly) with SD3-style time shift."""
+    t = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).tolist()
+
+
+def sample_euler(denoise, x, sigmas_descending):
+    """ComfyUI's sample_euler arithmetic (x + d * dt)."""
+    for s, s_next in zip(sigmas_descending[:-1], sigmas_descending[1:]):
+        x = euler_step(x, denoise(x, torch.full((x.shape[0],), s)), s, s_next)
+    return x
+
+
+def methods():
+    out = {
+        "naive": lambda d, x, s: (lambda r: (r[0], r[1].model_calls, 0))(naive_inversion(d, x, s)),
+    }
+    for eta in (1e-2, 1e-5):
+        def run_pi(d, x, s, eta=eta):
+            x_T, info = preciseinv(d, x, s, eta=eta)
+            return x_T, info.model_calls_forward, info.model_calls_backward
+        out[f"preciseinv eta {eta:g}"] = run_pi
+    if exact_inversion_euler is not None:
+        def run_exact(d, x, s):   # RMS tolerance sqrt(1e-5) = PreciseInv's eta 1e-5 as an MSE
+            x_T, info = exact_inversion_euler(d, x, torch.tensor(s, dtype=torch.float64), tol=1e-5 ** 0.5)
+            return x_T, info.model_calls, 0
+        out["backward euler (anderson)"] = run_exact
+    return out
+
+
+def run(quick: bool = False) -> list:
+    shape, n = ((4, 4, 4), 2) if quick else ((4, 8, 8), 4)
+    rows = []
+    for model_name, schedule in (("eps", sd_simple_sigmas), ("flow", flow_sigmas)):
+        cond = GaussianMixtureDenoiser.random(shape, 3, seed=0, parameterization=model_name, weights=[0.6, 0.3, 0.1])
+        uncond = GaussianMixtureDenoiser.random(shape, 3, seed=0, parameterization=model_name, weights=[0.2, 0.3, 0.5])
+        x0 = cond.sample(n, torch.Generator().manual_seed(1)).float()
+        for cfg in (1.0, 3.0):
+            denoise = cond if cfg == 1.0 else cfg_denoiser(cond, uncond, cfg)
+            for steps in (2, 4, 10):
+                sigmas = schedule(steps)
+                for name, method in methods().items():
+                    t0 = time.perf_counter()
+                    x_T, forward, backward = method(denoise, x0, sigmas)
+                    seconds = time.perf_counter() - t0
+                    recon = sample_euler(denoise, x_T.float(), sigmas[::-1])
+                    rows.append({"model": model_name, "steps": steps, "cfg": cfg, "method": name,
+                                 "recon_nmse_db": nmse_db(recon, x0).mean().item(),
+                                 "model_calls_forward": forward, "model_calls_backward": backward,
+                                 "seconds": seconds})
+    return rows
+
+
+def markdown(rows):
+    fmt = {"recon_nmse_db": "{:.1f}", "seconds": "{:.2f}", "cfg": "{:g}"}
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.get(c, "{}").format(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(run(quick="--quick" in sys.argv)))
