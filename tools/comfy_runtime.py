@@ -137,6 +137,12 @@ class InProcessComfy:
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0})
 
+    def pack_module(self, name):
+        """A module of the pack as ComfyUI imported it, e.g. pack_module("nodes.sampling")."""
+        import importlib
+        package = next(k for k in sys.modules if k.endswith(PACK_DIR_NAME) and "." not in k.split(PACK_DIR_NAME)[-1])
+        return importlib.import_module(f"{package}.{name}")
+
     def validate(self, prompt):
         """(valid, error text) from ComfyUI's own validation."""
         valid, error, _, node_errors = asyncio.run(

@@ -1,0 +1,57 @@
+"""Shared benchmark helpers: the machine record, result files and markdown tables."""
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine():
+    """What the numbers were measured on, stored with every result file."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def markdown_table(rows, columns, floatfmt="{:.2f}"):
+    def cell(v):
+        if isinstance(v, float):
+            return floatfmt.format(v)
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name, rows, summary, quick, notes=""):
+    """bench/results/<name>.json (or <name>.quick.json for QUICK runs)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump({"suite": name, "quick": quick, "machine": machine(), "notes": notes,
+                   "summary": summary, "rows": rows}, f, indent=1, default=float)
+    return path
+
+
+def result_path(name, ext, quick):
+    os.makedirs(RESULTS, exist_ok=True)
+    return os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.{ext}")
