@@ -1,0 +1,26 @@
+"""The `ui` record every inversion node returns, which web/ draws as a convergence curve.
+
+ui["inversion_convergence"] is a list with one curve record:
+  {"title": str, "x_label": str, "y_label": str, "log": bool,
+   "series": [[float, ...] per sample], "final": [float per sample], "summary": str}
+ComfyUI sends it to the frontend with the node's `executed` message and keeps it in /history.
+"""
+import math
+
+
+def _clean(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def convergence_ui(title, per_step, x_label, y_label, log=True, summary="", **extra):
+    """per_step: a list over iterations or steps of per-sample values (InversionInfo.residuals)."""
+    samples = len(per_step[0]) if per_step else 0
+    series = [[_clean(step[b]) for step in per_step] for b in range(samples)]
+    final = [s[-1] if s else None for s in series]
+    record = {"title": title, "x_label": x_label, "y_label": y_label, "log": log,
+              "series": series, "final": final, "summary": summary}
+    ui = {"inversion_convergence": [record]}
+    for key, value in extra.items():
+        ui[key] = value if isinstance(value, list) else [value]
+    return ui
