@@ -8,6 +8,8 @@ Weights come from a fixed seed, so every build is identical; nothing here is com
   unet/tiny_sd3_flow.safetensors    SD3-layout MMDiT, depth 2, hidden 128      (UNETLoader, CONST)
   checkpoints/tiny_sd15.safetensors the SD1.5 UNet + the 4-channel TAESD     (CheckpointLoaderSimple)
   checkpoints/tiny_sd3.safetensors  the SD3 MMDiT + the 16-channel TAESD     (CheckpointLoaderSimple)
+  checkpoints/tiny_sd15_clip.safetensors, tiny_sd3_clip.safetensors  the same plus a random CLIP-L text
+      encoder (fp16, 123M params), so CLIPTextEncode works; the user-named aliases point at these
   vae/tiny_taesd_trained.safetensors the trained tiny VAE shipped in models/ (VAELoader), if present
 Flux detection forces hidden 3072, so the tiny Flux is built in-process only (`tiny_flux_model`).
 Import this module only after ComfyUI is importable (COMFYUI_DIR on sys.path).
@@ -106,6 +108,17 @@ def tiny_flux_model(seed=SEED):
         offload_device=comfy.model_management.unet_offload_device())
 
 
+def clip_l_state_dict(seed=SEED):
+    """Random CLIP-L text-encoder weights (`transformer.text_model.*`, fp16), built through ComfyUI's
+    own SDClipModel, so that its loaders and CLIPTextEncode accept them. 123M parameters: CLIP-L's
+    width and depth are fixed by ComfyUI's config, only the values are ours."""
+    import comfy.sd1_clip
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    text_model = _seeded_init(clip.transformer.text_model, seed + 11)
+    return {"transformer.text_model." + k: v.to(torch.float16).contiguous()
+            for k, v in text_model.state_dict().items()}
+
+
 def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
@@ -139,6 +152,16 @@ def build_model_files(models_dir, trained_vae=None):
          "checkpoints", "tiny_sd15.safetensors")
     save({**sd3, **{"first_stage_model." + k: v for k, v in taesd[16].items()}},
          "checkpoints", "tiny_sd3.safetensors")
+    # The checkpoints that the example workflows load by users' names also carry CLIP-L: SD1.5 keeps it
+    # under cond_stage_model.; SD3 under text_encoders.clip_l. (clip_l alone: context padded to 4096,
+    # pooled = 768 from CLIP-L + 1280 zeros, which is what the tiny MMDiT takes).
+    clip_l = clip_l_state_dict()
+    save({**sd15, **{"first_stage_model." + k: v for k, v in taesd[4].items()},
+          **{"cond_stage_model." + k: v for k, v in clip_l.items()}},
+         "checkpoints", "tiny_sd15_clip.safetensors")
+    save({**sd3, **{"first_stage_model." + k: v for k, v in taesd[16].items()},
+          **{"text_encoders.clip_l." + k: v for k, v in clip_l.items()}},
+         "checkpoints", "tiny_sd3_clip.safetensors")
     if trained_vae and os.path.exists(trained_vae):
         dest = os.path.join(models_dir, "vae", os.path.basename(trained_vae))
         if not os.path.exists(dest):
@@ -151,8 +174,8 @@ def build_model_files(models_dir, trained_vae=None):
 # Names users have in their own ComfyUI, mapped onto the tiny models, so that the shipped example
 # workflows run unchanged in tests and in `make demo`.
 USER_MODEL_ALIASES = {
-    "checkpoints/v1-5-pruned-emaonly.safetensors": "checkpoints/tiny_sd15.safetensors",
-    "checkpoints/sd3.5_medium.safetensors": "checkpoints/tiny_sd3.safetensors",
+    "checkpoints/v1-5-pruned-emaonly.safetensors": "checkpoints/tiny_sd15_clip.safetensors",
+    "checkpoints/sd3.5_medium.safetensors": "checkpoints/tiny_sd3_clip.safetensors",
     "unet/v1-5-unet.safetensors": "unet/tiny_sd15_eps.safetensors",
     "unet/sd3.5_medium.safetensors": "unet/tiny_sd3_flow.safetensors",
 }
