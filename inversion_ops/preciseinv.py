@@ -103,7 +103,7 @@ def _adam_update(x, grad, state, idx, lr_s, betas=(0.9, 0.999)):
 
 
 def preciseinv_step(denoise, x_t, sigma_t, sigma_s, eta=1e-5, max_iters=200, lr=0.2, optimizer="bb",
-                    patience=20, decay=0.5, x_init=None, info=None):
+                    patience=20, decay=0.5, x_init=None, info=None, active_only=True):
     """Learn x_s (sigma_s > sigma_t) so that one Euler / DDIM step s -> t reproduces x_t; returns x_s.
 
     Per sample: start from `x_init` (default: a naive inversion step), minimise
@@ -112,7 +112,9 @@ def preciseinv_step(denoise, x_t, sigma_t, sigma_s, eta=1e-5, max_iters=200, lr=
     first step; for Adam on every step). A sample whose best loss has not improved for `patience`
     iterations, or whose loss is not finite, restarts from its best latent with lr * decay. It
     stops once its loss is below eta or after max_iters gradient steps; the best latent is kept.
-    Must run with autograd enabled (see `preciseinv`).
+    active_only: call `denoise` on the samples still running only; False calls it on the whole batch
+    every time (for denoisers whose conditioning or mask is per batch row, e.g. ComfyUI's), the
+    finished rows just not being updated. Must run with autograd enabled (see `preciseinv`).
     """
     info = info if info is not None else PreciseInvInfo()
     if optimizer not in ("bb", "adam"):
@@ -134,16 +136,19 @@ def preciseinv_step(denoise, x_t, sigma_t, sigma_s, eta=1e-5, max_iters=200, lr=
              "x_prev": torch.zeros_like(x), "g_prev": torch.zeros_like(x)}
     for it in range(max_iters + 1):
         idx = active.nonzero().squeeze(1)
-        leaf = x[idx].detach().requires_grad_(True)
-        loss = _step_loss(denoise, leaf, x_t[idx], sigma_s, sigma_t)
+        rows = idx if active_only else torch.arange(b, device=dev)
+        leaf = x[rows].detach().requires_grad_(True)
+        loss_rows = _step_loss(denoise, leaf, x_t[rows], sigma_s, sigma_t)
         info.model_calls += 1
+        pick = slice(None) if active_only else idx   # the active samples among the evaluated rows
+        loss, x_active = loss_rows[pick], leaf.detach()[pick]
         loss_d = loss.detach()
         if it == 0:
             first_loss[idx] = loss_d
         finite = torch.isfinite(loss_d)
         improved = finite & (loss_d < best_loss[idx])
         best_loss[idx] = torch.where(improved, loss_d, best_loss[idx])
-        best_x[idx] = torch.where(batch_view(improved, leaf), leaf.detach(), best_x[idx])
+        best_x[idx] = torch.where(batch_view(improved, x_active), x_active, best_x[idx])
         stale[idx] = torch.where(improved, torch.zeros_like(stale[idx]), stale[idx] + 1)
         done = (best_loss[idx] < eta) | ~torch.isfinite(best_loss[idx]) | (it == max_iters)
         active[idx[done]] = False
@@ -161,7 +166,7 @@ def preciseinv_step(denoise, x_t, sigma_t, sigma_s, eta=1e-5, max_iters=200, lr=
             continue
         (grad,) = torch.autograd.grad(loss[step].sum(), leaf)
         info.model_calls_backward += 1
-        s_idx, grad, x_cur = idx[step], grad[step], leaf.detach()[step]
+        s_idx, grad, x_cur = idx[step], grad[pick][step], x_active[step]
         update = _bb_update if optimizer == "bb" else _adam_update
         x[s_idx] = update(x_cur, grad, state, s_idx, lr_s)
         iters[s_idx] += 1
@@ -174,14 +179,14 @@ def preciseinv_step(denoise, x_t, sigma_t, sigma_s, eta=1e-5, max_iters=200, lr=
 
 
 def preciseinv(denoise, x0, sigmas, eta=1e-5, max_iters=200, lr=0.2, optimizer="bb", patience=20,
-               decay=0.5, callback=None):
+               decay=0.5, callback=None, active_only=True):
     """Implements Algorithm 1 (PreciseInv) of Zuo et al. (2025) for ComfyUI's Euler / DDIM sampler.
 
     denoise(x, sigma) -> D(x) with sigma a (B,) tensor; x0 (B, ...) the clean latent (the latent at
     sigmas[0]); sigmas ascending, e.g. ComfyUI's schedule flipped (flow may end at exactly 1).
     eta: per-sample threshold on the per-element MSE of each step (1e-2 fast, 1e-5 precise);
-    max_iters, lr, optimizer, patience, decay: see `preciseinv_step`. Returns (x_T, PreciseInvInfo),
-    x_T detached, float32 (float64 for float64 x0). Gradients flow only to the latent being
+    max_iters, lr, optimizer, patience, decay, active_only: see `preciseinv_step`. Returns
+    (x_T, PreciseInvInfo), x_T detached, float32 (float64 for float64 x0). Gradients flow only to the latent being
     learned; safe to call under torch.inference_mode() with inference-tensor inputs.
     """
     sigmas = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).detach().flatten().tolist()]
@@ -191,7 +196,8 @@ def preciseinv(denoise, x0, sigmas, eta=1e-5, max_iters=200, lr=0.2, optimizer="
         x = x0.detach().clone().to(dtype)
         for i in range(len(sigmas) - 1):
             x = preciseinv_step(denoise, x, sigmas[i], sigmas[i + 1], eta=eta, max_iters=max_iters,
-                                lr=lr, optimizer=optimizer, patience=patience, decay=decay, info=info)
+                                lr=lr, optimizer=optimizer, patience=patience, decay=decay, info=info,
+                                active_only=active_only)
             if callback is not None:
                 callback({'x': x, 'i': i, 'sigma': sigmas[i + 1], 'loss': info.residuals[-1]})
     return x, info
