@@ -1,2 +1,283 @@
-"""Nodes for this method: filled in by its issue."""
-NODES = []
+"""RF-Inversion (Rout et al., ICLR 2025) for every rectified-flow model ComfyUI loads.
+
+Two SAMPLERs for SamplerCustom / SamplerCustomAdvanced (forward: image -> structured noise over
+Inversion Sigmas; reverse: noise -> edited image over BasicScheduler's sigmas, pulled toward a
+reference latent) and a one-node edit. The maths is in inversion_ops/rf_inversion.py; here the
+model is turned into `denoise(x, sigma)` and checked to be a flow model by what its
+model_sampling does, never by its class or family.
+"""
+import comfy.model_management
+import comfy.samplers
+import torch
+from comfy_api.latest import io
+
+from inversion_ops.rf_inversion import (TRENDS, controlled_forward, controlled_forward_sde,
+                                        controlled_reverse, controlled_reverse_sde)
+
+from .sampling import CATEGORY, FunctionSampler, check_latent_channels, run_sampler
+from .sigmas import inversion_sigmas
+from .ui import convergence_ui
+
+MODES = ("ode", "sde")
+
+
+def prediction_kind(model_sampling):
+    """What the model predicts, read from model_sampling's behaviour at sigma = 0.5.
+
+    Flow (CONST): noise_scaling keeps (1 - sigma) of the latent and denoised = x - sigma*v.
+    EPS: keeps the whole latent, denoised = x - sigma*eps. V: denoised shrinks x by
+    sigma_data^2/(sigma^2 + sigma_data^2). X0: denoised is the output itself.
+    """
+    sigma, zero, one = torch.tensor([0.5]), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    kept = float(model_sampling.noise_scaling(sigma, zero.clone(), one))
+    from_output = float(model_sampling.calculate_denoised(sigma, one, zero))  # -sigma for x - sigma*out
+    from_input = float(model_sampling.calculate_denoised(sigma, zero, one))   # 1 if x passes through
+    close = lambda a, b: abs(a - b) < 1e-6  # noqa: E731
+    if close(from_output, -0.5) and close(from_input, 1.0):
+        if close(kept, 0.5):
+            return "flow"
+        if close(kept, 1.0):
+            return "eps"
+    if close(from_input, 0.0):
+        return "x0"
+    if close(kept, 1.0) and from_input < 1.0:
+        return "v"
+    return "an unsupported parameterization"
+
+
+def check_flow_model(model_sampling):
+    kind = prediction_kind(model_sampling)
+    if kind != "flow":
+        raise ValueError(f"RF-Inversion needs a rectified-flow model; this model predicts {kind}: "
+                         f"use Exact Inversion instead.")
+
+
+def _check_direction(sigmas, ascending, node):
+    first, last = float(sigmas[0]), float(sigmas[-1])
+    if ascending and not first < last:
+        raise ValueError(f"{node} runs image -> noise and needs ascending sigmas (Inversion Sigmas), "
+                         f"got {first:.4g} -> {last:.4g}.")
+    if not ascending and not first > last:
+        raise ValueError(f"{node} runs noise -> image and needs descending sigmas (BasicScheduler), "
+                         f"got {first:.4g} -> {last:.4g}: use Inversion Sigmas only for RF Forward Sampler.")
+
+
+def reference_in_model_space(base_model, reference, like):
+    """The reference LATENT's samples (user space) in the sampler's space (process_latent_in),
+    broadcast over the batch of `like`."""
+    if reference.ndim != like.ndim or reference.shape[1:] != like.shape[1:] or reference.shape[0] not in (1, like.shape[0]):
+        raise ValueError(f"reference latent has shape {tuple(reference.shape)} but the latent being sampled has "
+                         f"{tuple(like.shape)}: pass the latent of the image you inverted (same size, batch 1 "
+                         f"or the same batch).")
+    y0 = base_model.process_latent_in(reference.to(device=like.device, dtype=like.dtype))
+    return y0.expand_as(like)
+
+
+class ControlledFlowSampler(FunctionSampler):
+    """RF-Inversion's controlled flow sampler as a SAMPLER. forward: controlled_forward(_sde) over
+    ascending sigmas; reverse: controlled_reverse(_sde) toward `reference` (user-space latent)."""
+
+    def __init__(self, direction, mode="ode", seed=0, gamma=0.5, reference=None, eta=0.9, start=0.0,
+                 stop=0.25, trend="constant"):
+        super().__init__(self._run)
+        self.direction, self.mode, self.seed = direction, mode, seed
+        self.gamma, self.reference = gamma, reference
+        self.eta, self.start, self.stop, self.trend = eta, start, stop, trend
+        self._y0 = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        check_flow_model(model_wrap.inner_model.model_sampling)
+        forward = self.direction == "forward"
+        _check_direction(sigmas, forward, "RF Forward Sampler" if forward else "RF Reverse Sampler")
+        if not forward:
+            self._y0 = reference_in_model_space(model_wrap.inner_model, self.reference, latent_image)
+        try:
+            return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                                  disable_pbar)
+        finally:
+            self._y0 = None
+
+    def _run(self, denoise, x, sigmas, callback):
+        def on_step(d):  # the forward SDE never calls the model, so check the interrupt here too
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if callback is not None:
+                callback(d)
+        if self.direction == "forward":
+            if self.mode == "sde":
+                return controlled_forward_sde(denoise, x, sigmas, gamma=self.gamma, seed=self.seed, callback=on_step)
+            return controlled_forward(denoise, x, sigmas, gamma=self.gamma, seed=self.seed, callback=on_step)
+        control = dict(eta=self.eta, start=self.start, stop=self.stop, trend=self.trend, callback=on_step)
+        if self.mode == "sde":
+            return controlled_reverse_sde(denoise, x, sigmas, self._y0, seed=self.seed, **control)
+        return controlled_reverse(denoise, x, sigmas, self._y0, **control)
+
+
+def _check_window(start, stop):
+    if not 0.0 <= start < stop <= 1.0:
+        raise ValueError(f"start and stop are fractions of the steps with 0 <= start < stop <= 1, "
+                         f"got start={start}, stop={stop}.")
+
+
+def _mode_input():
+    return io.Combo.Input("mode", options=list(MODES), default="ode",
+                          tooltip="ode: deterministic controlled flow (the paper's default). sde: the controlled "
+                                  "stochastic flow, seeded; its forward needs no model calls.")
+
+
+def _seed_input(what):
+    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                        tooltip=f"Seeds {what}; sample b of a batch uses seed + b.")
+
+
+class RFForwardSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RFForwardSampler",
+            display_name="RF Forward Sampler (invert)",
+            category=f"{CATEGORY}/rf_inversion",
+            description=(
+                "RF-Inversion's controlled forward flow: turns an image latent into structured noise for a "
+                "rectified-flow model (SD3, Flux, AuraFlow, ...). Use in SamplerCustom / SamplerCustomAdvanced "
+                "with Inversion Sigmas, add_noise off, and the source (or empty) prompt at cfg 1; regenerate "
+                "with RF Reverse Sampler. gamma 0 is plain ODE inversion."),
+            inputs=[
+                io.Float.Input("gamma", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Controller strength: 0 = plain ODE inversion (exact round trip), 1 = land "
+                                       "on Gaussian noise regardless of the image. Higher makes the noise more "
+                                       "editable and less faithful."),
+                _seed_input("the Gaussian target noise y1 (and the SDE's noise)"),
+                _mode_input(),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, gamma, seed, mode) -> io.NodeOutput:
+        return io.NodeOutput(ControlledFlowSampler("forward", mode=mode, seed=seed, gamma=gamma))
+
+
+class RFReverseSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RFReverseSampler",
+            display_name="RF Reverse Sampler (edit)",
+            category=f"{CATEGORY}/rf_inversion",
+            description=(
+                "RF-Inversion's controlled reverse flow: generates from inverted noise while pulling toward the "
+                "reference latent for the first steps, so the layout stays and the prompt edits. Use in "
+                "SamplerCustom / SamplerCustomAdvanced with BasicScheduler and add_noise off (DisableNoise) on the "
+                "latent from RF Forward Sampler. eta 0 is ComfyUI's euler."),
+            inputs=[
+                io.Latent.Input("reference", tooltip="The latent of the source image (the one you inverted)."),
+                io.Float.Input("eta", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="Pull toward the reference inside [start, stop): 0 = plain generation, "
+                                       "1 = follow the reference entirely there."),
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First controlled step, as a fraction of the steps."),
+                io.Float.Input("stop", default=0.25, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the controlled steps (exclusive), as a fraction of the steps. "
+                                       "Later = closer to the source, less edit."),
+                io.Combo.Input("trend", options=list(TRENDS), default="constant",
+                               tooltip="How eta varies inside [start, stop)."),
+                _mode_input(),
+                _seed_input("the SDE's noise (unused in ode mode)"),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, reference, eta, start, stop, trend, mode, seed) -> io.NodeOutput:
+        _check_window(start, stop)
+        return io.NodeOutput(ControlledFlowSampler("reverse", mode=mode, seed=seed, reference=reference["samples"],
+                                                   eta=eta, start=start, stop=stop, trend=trend))
+
+
+# Defaults measured in bench/rf.py (see README "RF-Inversion"): the edit moves the output well away
+# from the source toward the target prompt while staying nearer the source than a plain generation.
+EDIT_DEFAULTS = {"steps": 28, "gamma": 0.5, "eta": 0.9, "start": 0.0, "stop": 0.25}
+
+
+def rf_inversion_edit(model, source, target, negative, latent, steps, scheduler, cfg, gamma, eta, start, stop,
+                      seed):
+    """Invert with the source conditioning at cfg 1 (plain velocity, as the paper inverts), then
+    the controlled reverse toward the source latent with the target conditioning. Returns
+    (edited LATENT, forward info, reverse info)."""
+    check_flow_model(model.get_model_object("model_sampling"))
+    check_latent_channels(model, latent["samples"])
+    _check_window(start, stop)
+    if negative is None and cfg != 1.0:
+        raise ValueError(f"cfg is {cfg}: connect a negative conditioning, or set cfg to 1 (Flux keeps cfg 1 and "
+                         f"takes its guidance from the conditioning).")
+    clean = {"samples": latent["samples"]}     # a noise_mask would blend noise into the inversion
+    up = inversion_sigmas(model, scheduler, steps)
+    forward = ControlledFlowSampler("forward", seed=seed, gamma=gamma)
+    inverted = run_sampler(model, source, source, 1.0, clean, forward, up)
+    reverse = ControlledFlowSampler("reverse", seed=seed, reference=latent["samples"], eta=eta, start=start,
+                                    stop=stop)
+    edited = run_sampler(model, target, negative if negative is not None else target, cfg, inverted, reverse,
+                         up.flip(0))
+    out = latent.copy()
+    out["samples"] = edited["samples"]
+    return out, forward.last_info, reverse.last_info
+
+
+class RFInversionEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = EDIT_DEFAULTS
+        return io.Schema(
+            node_id="RFInversionEdit",
+            display_name="RF-Inversion Edit",
+            category=f"{CATEGORY}/rf_inversion",
+            description=(
+                "Edits an image latent with a rectified-flow model (SD3, Flux, ...): inverts it to structured "
+                "noise with the source prompt, then regenerates with the target prompt while following the "
+                "source layout for the first steps. No training, no attention patches; model patches apply. "
+                "The latent's noise_mask is ignored."),
+            inputs=[
+                io.Model.Input("model", tooltip="A rectified-flow model (model_sampling CONST)."),
+                io.Conditioning.Input("source", tooltip="Describes the image as it is (or an empty prompt); "
+                                                        "used for the inversion at cfg 1."),
+                io.Conditioning.Input("target", tooltip="Describes the image as you want it."),
+                io.Latent.Input("latent", tooltip="The image to edit, encoded with this model's VAE."),
+                io.Int.Input("steps", default=d["steps"], min=2, max=1000,
+                             tooltip="Steps for both the inversion and the edit."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple",
+                               tooltip="Schedule for both passes (simple follows the model's shift)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="CFG of the edit pass. 1 for Flux (guidance is in the conditioning); "
+                                       "SD3 usually wants 3-5 with a negative."),
+                io.Float.Input("gamma", default=d["gamma"], min=0.0, max=1.0, step=0.01,
+                               tooltip="Inversion controller: higher = more editable noise, less faithful."),
+                io.Float.Input("eta", default=d["eta"], min=0.0, max=1.0, step=0.01,
+                               tooltip="Pull toward the source during [start, stop) of the edit: higher keeps "
+                                       "more of the source."),
+                io.Float.Input("start", default=d["start"], min=0.0, max=1.0, step=0.01,
+                               tooltip="First controlled edit step, as a fraction of the steps."),
+                io.Float.Input("stop", default=d["stop"], min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the controlled edit steps, as a fraction: later keeps more of the "
+                                       "source, earlier edits more."),
+                _seed_input("the inversion's Gaussian target y1"),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative conditioning for the edit pass when cfg is not 1."),
+            ],
+            outputs=[io.Latent.Output(display_name="edited")],
+        )
+
+    @classmethod
+    def execute(cls, model, source, target, latent, steps, scheduler, cfg, gamma, eta, start, stop, seed,
+                negative=None) -> io.NodeOutput:
+        out, fwd, rev = rf_inversion_edit(model, source, target, negative, latent, steps, scheduler, cfg, gamma,
+                                          eta, start, stop, seed)
+        pulled = [sum(step) / len(step) for step in rev.residuals if any(step)]
+        ui = convergence_ui("RF-Inversion edit: pull toward the source", rev.residuals, "edit step",
+                            "RMS of D' - D", log=False,
+                            summary=f"{fwd.model_calls + rev.model_calls} model calls; controlled steps "
+                                    f"{len(pulled)} of {len(rev.residuals)}")
+        return io.NodeOutput(out, ui=ui)
+
+
+NODES = [RFForwardSampler, RFReverseSampler, RFInversionEdit]
