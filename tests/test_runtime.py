@@ -82,7 +82,8 @@ def test_tiny_models_sample_through_core_nodes(comfy, name, build):
     assert torch.isfinite(latent).all() and latent.std() > 0
 
 
-@pytest.mark.parametrize("vae_name, channels", [("taesd", 4), ("taesd3", 16)])
+@pytest.mark.parametrize("vae_name, channels", [("taesd", 4), ("taesd3", 16),
+                                                ("tiny_taesd_trained.safetensors", 4)])
 def test_tiny_vaes_load_through_vaeloader(comfy, vae_name, channels):
     g = Graph()
     vae = g.node("VAELoader", vae_name=vae_name).out
