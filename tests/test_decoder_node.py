@@ -1,0 +1,218 @@
+"""Decoder Inversion node on a real ComfyUI: the trained tiny VAE (models/tiny_taesd_trained.safetensors)
+and the random-weight 16-channel taesd3, in-process, as a server workflow and through its adapter.
+
+Images: 64 px crops of held-out photos (tests/data/README.md), never seen in the VAE's training.
+"Decodable" targets x = D(E(photo)) are images the decoder can produce exactly, so the true latent
+z0 = E(photo) is known and NMSE_z is measurable, as in the paper's evaluation.
+"""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prompts import Graph
+
+DATA = Path(__file__).parent / "data"
+PHOTOS = ["photo_chelsea_64.png", "photo_coffee_64.png", "photo_china_64.png"]
+TRAINED = "tiny_taesd_trained.safetensors"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_photos(size=32):
+    """IMAGE (3, size, size, 3) of 8-bit values; 32 px keeps the adapter tests cheap (latent 4 x 4)."""
+    images = [Image.open(DATA / name).convert("RGB").resize((size, size), Image.LANCZOS) for name in PHOTOS]
+    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images]))
+
+
+def quantise(image):
+    return (image.clamp(0, 1) * 255).round() / 255
+
+
+def nmse_db(z, z0):
+    return (10 * torch.log10((z - z0).pow(2).flatten(1).sum(1) / z0.pow(2).flatten(1).sum(1))).mean().item()
+
+
+def psnr_db(a, b):
+    return (10 * torch.log10(1 / (a.float() - b.float()).pow(2).flatten(1).mean(1))).mean().item()
+
+
+@pytest.fixture(scope="module")
+def decoder_node(comfy):
+    return comfy.pack_module("nodes.decoder")
+
+
+@pytest.fixture(scope="module")
+def trained_vae(comfy):
+    """The trained tiny VAE as VAELoader builds it: inside inference mode (so its weights are
+    inference tensors, as in a real graph)."""
+    from comfy.sd import VAE
+    from comfy.utils import load_torch_file
+    with torch.inference_mode():
+        return VAE(sd=load_torch_file(str(REPO / "models" / TRAINED)))
+
+
+@pytest.fixture(scope="module")
+def decodable(trained_vae):
+    """(z0, x): the photos' latents and the 8-bit images the decoder makes of them."""
+    with torch.inference_mode():
+        z0 = trained_vae.encode(load_photos())
+        return z0, quantise(trained_vae.decode(z0))
+
+
+def invert(decoder_node, vae, image, method, **kw):
+    with torch.inference_mode():                          # as ComfyUI runs every node
+        return decoder_node.invert_image(vae, image, method, **kw)
+
+
+@pytest.mark.parametrize("method", ["forward_step", "momentum", "adam_residual"])
+def test_gradient_free_methods_beat_the_encoder_in_nmse(decoder_node, trained_vae, decodable, method):
+    z0, x = decodable
+    z_encoder, _ = invert(decoder_node, trained_vae, x, "encoder")
+    z, info = invert(decoder_node, trained_vae, x, method, iterations=10)
+    # 8-bit quantisation of x limits how close any method can get; 3 dB is far above run-to-run noise
+    # and far below the ~20 dB gain these methods reach here.
+    assert nmse_db(z, z0) < nmse_db(z_encoder, z0) - 3.0, (nmse_db(z, z0), nmse_db(z_encoder, z0))
+    assert z.shape == z0.shape and z.dtype == torch.float32
+
+
+def test_encoder_method_is_vae_encode_with_its_crop_and_scale(decoder_node, trained_vae):
+    # 38 x 35 px is not a multiple of 8: both must centre-crop to 32 x 32 the same way.
+    image = torch.rand(2, 35, 38, 3, generator=torch.Generator().manual_seed(0))
+    z, _ = invert(decoder_node, trained_vae, image, "encoder")
+    with torch.inference_mode():
+        expected = trained_vae.encode(image)
+    assert z.shape == expected.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-6)
+
+
+def test_batch_of_three_equals_three_single_runs(decoder_node, trained_vae, decodable):
+    _, x = decodable
+    z_batch, info = invert(decoder_node, trained_vae, x, "forward_step", iterations=20, tolerance=1e-4)
+    assert len(set(info.sample_iterations)) > 1, "the samples should stop at different iterations"
+    for b in range(3):
+        z_one, info_one = invert(decoder_node, trained_vae, x[b:b + 1], "forward_step", iterations=20, tolerance=1e-4)
+        assert info_one.sample_iterations[0] == info.sample_iterations[b], "same per-sample stop"
+        # batched and single convolutions may round differently (float32 ~1e-7); the iteration contracts.
+        torch.testing.assert_close(z_one[0], z_batch[b], rtol=0, atol=1e-5)
+
+
+def test_vae_is_unchanged_after_every_method(decoder_node, trained_vae, decodable):
+    _, x = decodable
+    model = trained_vae.first_stage_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    device, dtype = trained_vae.device, trained_vae.vae_dtype
+    for method, precision in [("gradient", "auto"), ("forward_step", "fp16"), ("momentum", "bf16"),
+                              ("adam_residual", "auto"), ("encoder", "auto")]:
+        invert(decoder_node, trained_vae, x[:1], method, iterations=2, precision=precision)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert trained_vae.device == device and trained_vae.vae_dtype == dtype
+    assert all(p.device == before[k].device for k, p in model.state_dict().items())
+
+
+def test_nan_image_is_refused_naming_the_input(decoder_node, trained_vae):
+    image = torch.full((1, 64, 64, 3), 0.5)
+    image[0, 3, 5, 1] = float("nan")
+    with pytest.raises(ValueError, match="image contains NaN"):
+        invert(decoder_node, trained_vae, image, "forward_step")
+
+
+def test_image_smaller_than_the_downscale_is_refused(decoder_node, trained_vae):
+    with pytest.raises(ValueError, match="image is 6x6 px, smaller than this VAE's downscale factor 8"):
+        invert(decoder_node, trained_vae, torch.rand(1, 6, 6, 3), "forward_step")
+
+
+def _roundtrip_prompt(vae_name, image_name, method="forward_step", label="rt"):
+    """target = VAE Decode(VAE Encode(photo)) (an image the decoder can make); then both the node and
+    VAE Encode encode the target, and VAE Decode turns each latent back into an image."""
+    g = Graph()
+    vae = g.node("VAELoader", vae_name=vae_name).out
+    photo = g.node("LoadImage", image=image_name).out
+    target = g.node("VAEDecode", samples=g.node("VAEEncode", pixels=photo, vae=vae).out, vae=vae).out
+    inverted = g.node("DecoderInversion", vae=vae, image=target, method=method, iterations=20, step_size=0.0,
+                      momentum=0.3, tolerance=1e-4, precision="auto")
+    by_encoder = g.node("VAEEncode", pixels=target, vae=vae).out
+    g.node("EITestCapture", label=f"{label}_node", latent=inverted.out,
+           image=g.node("VAEDecode", samples=inverted.out, vae=vae).out)
+    g.node("EITestCapture", label=f"{label}_encoder", latent=by_encoder,
+           image=g.node("VAEDecode", samples=by_encoder, vae=vae).out)
+    g.node("EITestCapture", label=f"{label}_target", image=target)
+    return g.prompt, inverted.id
+
+
+@pytest.mark.parametrize("runtime", ["comfy", "comfy_server"])
+def test_node_latent_decodes_back_to_the_image_better_than_vae_encode(request, runtime):
+    runner = request.getfixturevalue(runtime)
+    shutil.copy(DATA / PHOTOS[0], runner.base / "input" / PHOTOS[0])
+    prompt, node_id = _roundtrip_prompt(TRAINED, PHOTOS[0], label=f"rt_{runtime}")
+    result = runner.run(prompt)
+    assert result.ok, result.error
+    target = result.capture(f"rt_{runtime}_target")["image"]
+    node = result.capture(f"rt_{runtime}_node")
+    encoder = result.capture(f"rt_{runtime}_encoder")
+    assert node["latent"].shape == encoder["latent"].shape == (1, 4, 8, 8)
+    assert psnr_db(node["image"], target) >= psnr_db(encoder["image"], target)
+    ui = result.outputs[node_id]
+    assert ui["inversion_convergence"][0]["series"], "residual curve for the node"
+    assert ui["final_residual"][0] <= 1e-4 and 1 <= ui["iterations"][0] <= 20
+
+
+def test_sixteen_channel_taesd3_works(comfy):
+    g = Graph()
+    vae = g.node("VAELoader", vae_name="taesd3").out
+    image = g.node("EmptyImage", width=32, height=32, batch_size=2, color=0x336699).out
+    inverted = g.node("DecoderInversion", vae=vae, image=image, method="momentum", iterations=3, step_size=0.0,
+                      momentum=0.3, tolerance=0.0, precision="auto").out
+    g.node("EITestCapture", label="taesd3_node", latent=inverted, image=g.node("VAEDecode", samples=inverted, vae=vae).out)
+    result = comfy.run(g.prompt)
+    assert result.ok, result.error
+    captured = result.capture("taesd3_node")
+    assert captured["latent"].shape == (2, 16, 4, 4) and torch.isfinite(captured["latent"]).all()
+    assert captured["image"].shape == (2, 32, 32, 3)
+
+
+def test_momentum_outside_theorem_2_is_refused_naming_the_inputs(comfy):
+    g = Graph()
+    vae = g.node("VAELoader", vae_name=TRAINED).out
+    image = g.node("EmptyImage", width=32, height=32, batch_size=1, color=0).out
+    g.node("EITestCapture", label="never", latent=g.node(
+        "DecoderInversion", vae=vae, image=image, method="momentum", iterations=3, step_size=1.5, momentum=0.5,
+        tolerance=1e-4, precision="auto").out)
+    result = comfy.run(g.prompt)
+    assert not result.ok
+    assert "momentum / step_size" in result.error and "Theorem 2" in result.error, result.error
+
+
+def test_interrupt_stops_the_node_inside_its_loop(comfy):
+    """A progress hook stands in for the user's Cancel: it sets ComfyUI's interrupt flag at the
+    third evaluation of a 2000-iteration run; the node must stop at its next one."""
+    from comfy import model_management, utils
+    g = Graph()
+    vae = g.node("VAELoader", vae_name=TRAINED).out
+    image = g.node("EmptyImage", width=32, height=32, batch_size=1, color=0x808080).out
+    g.node("EITestCapture", label="never", latent=g.node(
+        "DecoderInversion", vae=vae, image=image, method="forward_step", iterations=2000, step_size=0.0,
+        momentum=0.3, tolerance=0.0, precision="auto").out)
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append(value)
+        if value == 3:
+            model_management.interrupt_current_processing(True)
+
+    previous = utils.PROGRESS_BAR_HOOK
+    utils.set_progress_bar_global_hook(hook)
+    try:
+        result = comfy.run(g.prompt)
+    finally:
+        utils.set_progress_bar_global_hook(previous)
+        model_management.interrupt_current_processing(False)
+    assert not result.ok
+    assert "interrupted at DecoderInversion" in result.error, result.error
+    assert seen == [1, 2, 3], f"the evaluation after the flag must raise before doing any work: {seen[-5:]}"
