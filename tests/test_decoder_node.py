@@ -39,6 +39,16 @@ def psnr_db(a, b):
     return (10 * torch.log10(1 / (a.float() - b.float()).pow(2).flatten(1).mean(1))).mean().item()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On this shared 2-core machine two OpenMP threads spin against other jobs (measured: TAESD
+    10x slower than with one); the in-process runs here use one and give the setting back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def decoder_node(comfy):
     return comfy.pack_module("nodes.decoder")
@@ -133,7 +143,8 @@ def _roundtrip_prompt(vae_name, image_name, method="forward_step", label="rt"):
     VAE Encode encode the target, and VAE Decode turns each latent back into an image."""
     g = Graph()
     vae = g.node("VAELoader", vae_name=vae_name).out
-    photo = g.node("LoadImage", image=image_name).out
+    photo = g.node("ImageScale", image=g.node("LoadImage", image=image_name).out, upscale_method="area",
+                   width=32, height=32, crop="disabled").out      # 32 px keeps the server run cheap
     target = g.node("VAEDecode", samples=g.node("VAEEncode", pixels=photo, vae=vae).out, vae=vae).out
     inverted = g.node("DecoderInversion", vae=vae, image=target, method=method, iterations=20, step_size=0.0,
                       momentum=0.3, tolerance=1e-4, precision="auto")
@@ -156,7 +167,7 @@ def test_node_latent_decodes_back_to_the_image_better_than_vae_encode(request, r
     target = result.capture(f"rt_{runtime}_target")["image"]
     node = result.capture(f"rt_{runtime}_node")
     encoder = result.capture(f"rt_{runtime}_encoder")
-    assert node["latent"].shape == encoder["latent"].shape == (1, 4, 8, 8)
+    assert node["latent"].shape == encoder["latent"].shape == (1, 4, 4, 4)
     assert psnr_db(node["image"], target) >= psnr_db(encoder["image"], target)
     ui = result.outputs[node_id]
     assert ui["inversion_convergence"][0]["series"], "residual curve for the node"
