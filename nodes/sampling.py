@@ -108,8 +108,9 @@ class FunctionSampler(comfy.samplers.KSAMPLER):
         model_k.noise = noise
         model_sampling = model_wrap.inner_model.model_sampling
         x = start_state(model_sampling, sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        x, self.last_info = self.run(make_denoiser(model_k, extra_args), x, sigmas,
-                                     step_callback(callback, len(sigmas) - 1))
+        with torch.no_grad():   # like k-diffusion's samplers; gradient methods re-enable it inside
+            x, self.last_info = self.run(make_denoiser(model_k, extra_args), x, sigmas,
+                                         step_callback(callback, len(sigmas) - 1))
         return end_state(model_sampling, sigmas[-1], x)
 
 
