@@ -9,7 +9,8 @@ Weights come from a fixed seed, so every build is identical; nothing here is com
   checkpoints/tiny_sd15.safetensors the SD1.5 UNet + the 4-channel TAESD     (CheckpointLoaderSimple)
   checkpoints/tiny_sd3.safetensors  the SD3 MMDiT + the 16-channel TAESD     (CheckpointLoaderSimple)
   checkpoints/tiny_sd15_clip.safetensors, tiny_sd3_clip.safetensors  the same plus a random CLIP-L text
-      encoder (fp16, 123M params), so CLIPTextEncode works; the user-named aliases point at these
+      encoder (fp16, 123M params), so CLIPTextEncode works; the user-named aliases point at these.
+      tiny_sd15_clip carries the trained tiny VAE instead of the random TAESD when it is given.
   vae/tiny_taesd_trained.safetensors the trained tiny VAE shipped in models/ (VAELoader), if present
 Flux detection forces hidden 3072, so the tiny Flux is built in-process only (`tiny_flux_model`).
 Import this module only after ComfyUI is importable (COMFYUI_DIR on sys.path).
@@ -156,7 +157,13 @@ def build_model_files(models_dir, trained_vae=None):
     # under cond_stage_model.; SD3 under text_encoders.clip_l. (clip_l alone: context padded to 4096,
     # pooled = 768 from CLIP-L + 1280 zeros, which is what the tiny MMDiT takes).
     clip_l = clip_l_state_dict()
-    save({**sd15, **{"first_stage_model." + k: v for k, v in taesd[4].items()},
+    # SD1.5's user-named checkpoint takes the trained tiny VAE when there is one, so images that the
+    # example workflows reconstruct are comparable with their input (a random decoder cannot draw them).
+    sd15_vae = taesd[4]
+    if trained_vae and os.path.exists(trained_vae):
+        from safetensors.torch import load_file
+        sd15_vae = load_file(trained_vae)
+    save({**sd15, **{"first_stage_model." + k: v for k, v in sd15_vae.items()},
           **{"cond_stage_model." + k: v for k, v in clip_l.items()}},
          "checkpoints", "tiny_sd15_clip.safetensors")
     save({**sd3, **{"first_stage_model." + k: v for k, v in taesd[16].items()},

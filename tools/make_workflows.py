@@ -1,0 +1,395 @@
+"""Write example_workflows/*.json (ComfyUI's UI format) from the short specs below.
+
+Widget order, defaults, slot types and link ids come from a real ComfyUI's /object_info, so the
+files stay consistent with the nodes' schemas: re-run this after a node's inputs change.
+
+    $COMFY_PYTHON tools/make_workflows.py            # all workflows whose nodes are installed
+    $COMFY_PYTHON tools/make_workflows.py --check    # fail if a committed file is out of date
+
+Each workflow loads models by the names users have (v1-5-pruned-emaonly.safetensors,
+sd3.5_medium.safetensors) and the image `exact_inversion_coffee.jpg` (example_workflows/input/).
+"""
+import argparse
+import json
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+OUT_DIR = REPO / "example_workflows"
+INPUT_IMAGE = "exact_inversion_coffee.jpg"
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SD3 = "sd3.5_medium.safetensors"
+SOURCE_PROMPT = "a cup of coffee with latte art on a saucer, top view, photo"
+TARGET_PROMPT = "a cup of green matcha tea on a saucer, top view, photo"
+NEGATIVE_PROMPT = "blurry, low quality"
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+GROUP_COLORS = {"input": "#3f789e", "invert": "#8A8", "output": "#b06634", "edit": "#a1309b"}
+NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
+
+
+class Node:
+    def __init__(self, wf, node_id, class_type):
+        self.wf, self.id, self.class_type = wf, node_id, class_type
+
+    def __getitem__(self, slot):
+        return (self, slot)
+
+
+def _is_widget(spec):
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _ordered_inputs(schema):
+    """(name, spec, required) in the order the frontend lays them out."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in schema.get("input", {}).get(section, {}).items():
+            out.append((name, spec, section == "required"))
+    order = schema.get("input_order")
+    if order:
+        rank = {n: i for i, n in enumerate(order.get("required", []) + order.get("optional", []))}
+        out.sort(key=lambda item: rank.get(item[0], len(rank)))
+    return out
+
+
+def _default(name, spec):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], list) else options.get("options")
+    if choices:
+        return choices[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec[0])
+
+
+def _has_control_widget(name, spec):
+    """What the frontend does: a control widget after an INT when control_after_generate says so
+    (absent means: only for inputs named seed / noise_seed)."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    flag = options.get("control_after_generate")
+    if flag is None:
+        return spec[0] == "INT" and name in ("seed", "noise_seed")
+    return bool(flag)
+
+
+class Workflow:
+    """A UI-format workflow built from (class_type, inputs by name) against /object_info."""
+
+    def __init__(self, object_info, name):
+        self.info, self.name = object_info, name
+        self.nodes, self.links, self.groups = [], [], []
+        self.next_id, self.next_link = 1, 1
+
+    def node(self, class_type, pos, title=None, width=300, extra_height=0, **inputs):
+        if class_type not in self.info:
+            raise KeyError(class_type)
+        schema = self.info[class_type]
+        node = Node(self, self.next_id, class_type)
+        self.next_id += 1
+        slots, widgets_values, widget_count, link_slots = [], [], 0, 0
+        unknown = set(inputs) - {name for name, _, _ in _ordered_inputs(schema)}
+        if unknown:
+            raise ValueError(f"{class_type} has no input(s) {sorted(unknown)}")
+        for name, spec, required in _ordered_inputs(schema):
+            value = inputs.get(name)
+            linked = isinstance(value, (tuple, Node))
+            if _is_widget(spec):
+                widget_count += 1
+                widgets_values.append(_default(name, spec) if value is None or linked else value)
+                if _has_control_widget(name, spec):
+                    widgets_values.append("fixed")
+                if spec[1:] and isinstance(spec[1], dict) and spec[1].get("image_upload"):
+                    widgets_values.append("image")
+                if linked:   # a widget driven by a link: the frontend keeps the widget's slot
+                    slots.append({"name": name, "type": "COMBO" if isinstance(spec[0], list) else spec[0],
+                                  "widget": {"name": name}, "link": self._link(value, node, len(slots), spec)})
+                continue
+            link_slots += 1
+            if value is None:
+                if required:
+                    raise ValueError(f"{class_type}: required input {name!r} is not connected")
+                slots.append({"name": name, "type": spec[0], "shape": 7, "link": None})
+                continue
+            slots.append({"name": name, "type": spec[0], "link": self._link(value, node, len(slots), spec)})
+        outputs = [{"name": out_name, "type": out_type if isinstance(out_type, str) else "COMBO", "links": [],
+                    "slot_index": i}
+                   for i, (out_type, out_name) in enumerate(zip(schema["output"], schema["output_name"]))]
+        height = 46 + 22 * max(link_slots, len(outputs)) + 26 * widget_count + extra_height
+        record = {"id": node.id, "type": class_type, "pos": list(pos), "size": [width, height], "flags": {},
+                  "order": len(self.nodes), "mode": 0, "inputs": slots, "outputs": outputs,
+                  "properties": {"Node name for S&R": class_type}, "widgets_values": widgets_values}
+        if title:
+            record["title"] = title
+        node.record = record
+        self.nodes.append(node)
+        return node
+
+    def _link(self, value, target, target_slot, spec):
+        source, slot = (value, 0) if isinstance(value, Node) else value
+        link_id = self.next_link
+        self.next_link += 1
+        out_type = self.info[source.class_type]["output"][slot]
+        self.links.append([link_id, source.id, slot, target.id, target_slot, out_type])
+        source.record["outputs"][slot]["links"].append(link_id)
+        return link_id
+
+    def note(self, text, pos, width=380, height=200):
+        node = Node(self, self.next_id, "MarkdownNote")
+        self.next_id += 1
+        node.record = {"id": node.id, "type": "MarkdownNote", "pos": list(pos), "size": [width, height],
+                       "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
+                       "properties": {}, "widgets_values": [text], **NOTE_COLORS}
+        self.nodes.append(node)
+        return node
+
+    def group(self, title, nodes, color, pad=20):
+        xs = [n.record["pos"][0] for n in nodes]
+        ys = [n.record["pos"][1] for n in nodes]
+        x1 = [n.record["pos"][0] + n.record["size"][0] for n in nodes]
+        y1 = [n.record["pos"][1] + n.record["size"][1] for n in nodes]
+        top = 40   # room for the group's title bar and the nodes' own title bars
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "color": color, "font_size": 22,
+                            "flags": {}, "bounding": [min(xs) - pad, min(ys) - pad - top,
+                                                      max(x1) - min(xs) + 2 * pad, max(y1) - min(ys) + 2 * pad + top]})
+
+    def to_json(self):
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"exact-inversion/{self.name}")), "revision": 0,
+                "last_node_id": self.next_id - 1, "last_link_id": self.next_link - 1,
+                "nodes": [n.record for n in self.nodes], "links": self.links, "groups": self.groups,
+                "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 60]}}, "version": 0.4}
+
+
+# ---------------------------------------------------------------------------------------------
+# The workflows. Coordinates: columns 340 px apart; rows as needed.
+
+COL = [0, 360, 720, 1080, 1440, 1800]
+
+
+def _load_sd15(wf, y=0):
+    ckpt = wf.node("CheckpointLoaderSimple", (COL[0], y), ckpt_name=SD15)
+    image = wf.node("LoadImage", (COL[0], y + 200), extra_height=290, image=INPUT_IMAGE)
+    return ckpt, image
+
+
+def reconstruction(wf):
+    """1. Exact reconstruction: Decoder Inversion -> Invert Latent (exact) -> KSampler (Advanced,
+    add_noise off) -> VAE Decode, on an EPS (SD1.5) model."""
+    steps, cfg, sampler, scheduler = 20, 1.0, "euler", "normal"
+    ckpt, image = _load_sd15(wf)
+    pos = wf.node("CLIPTextEncode", (COL[1], 0), title="Prompt (the image as it is)", extra_height=40,
+                  clip=ckpt[1], text=SOURCE_PROMPT)
+    neg = wf.node("CLIPTextEncode", (COL[1], 220), title="Negative", extra_height=40, clip=ckpt[1], text="")
+    enc = wf.node("DecoderInversion", (COL[1], 440), vae=ckpt[2], image=image[0])
+    inv = wf.node("InvertLatent", (COL[2], 0), model=ckpt[0], positive=pos[0], negative=neg[0], latent=enc[0],
+                  sampler_name=sampler, scheduler=scheduler, steps=steps, cfg=cfg, method="exact")
+    regen = wf.node("KSamplerAdvanced", (COL[3], 0), title="KSampler (Advanced): add_noise disabled",
+                    model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=inv[0], add_noise="disable",
+                    noise_seed=0, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler)
+    dec = wf.node("VAEDecode", (COL[4], 0), samples=regen[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[4], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/reconstruction")
+    wf.group("1. Image -> latent (exact VAE encode)", [ckpt, image, enc], GROUP_COLORS["input"])
+    wf.group("2. Latent -> noise (exact inversion)", [pos, neg, inv], GROUP_COLORS["invert"])
+    wf.group("3. Noise -> the same image", [regen, dec, save], GROUP_COLORS["output"])
+    wf.note(
+        "## Exact reconstruction\n"
+        "Decoder Inversion encodes the image so that the VAE decodes it back; Invert Latent finds the noise "
+        "from which **the same** sampler, scheduler, steps, cfg and prompts regenerate that latent.\n\n"
+        "Regenerate with KSampler (Advanced), **add_noise disabled**, the same settings "
+        f"({sampler}, {scheduler}, {steps} steps, cfg {cfg}).\n\n"
+        "Invertible samplers: euler, ddim, dpmpp_2m.", (COL[2], 520), width=340, height=260)
+    return "exact (backward Euler)"
+
+
+def prompt_edit(wf):
+    """2. Prompt editing with exact inversion on an EPS model: invert with the source prompt,
+    regenerate with the target prompt (and with the source prompt, to compare)."""
+    steps, cfg, sampler, scheduler = 20, 3.0, "ddim", "ddim_uniform"
+    ckpt, image = _load_sd15(wf)
+    enc = wf.node("DecoderInversion", (COL[1], 440), vae=ckpt[2], image=image[0])
+    src = wf.node("CLIPTextEncode", (COL[1], 0), title="Source prompt (the image as it is)", extra_height=40,
+                  clip=ckpt[1], text=SOURCE_PROMPT)
+    neg = wf.node("CLIPTextEncode", (COL[1], 220), title="Negative", extra_height=40, clip=ckpt[1],
+                  text=NEGATIVE_PROMPT)
+    tgt = wf.node("CLIPTextEncode", (COL[3], 520), title="Target prompt (the edit)", extra_height=40,
+                  clip=ckpt[1], text=TARGET_PROMPT)
+    inv = wf.node("InvertLatent", (COL[2], 0), model=ckpt[0], positive=src[0], negative=neg[0], latent=enc[0],
+                  sampler_name=sampler, scheduler=scheduler, steps=steps, cfg=cfg, method="exact")
+    common = dict(model=ckpt[0], negative=neg[0], latent_image=inv[0], add_noise="disable", noise_seed=0,
+                  steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler)
+    recon = wf.node("KSamplerAdvanced", (COL[3], 0), title="Regenerate with the source prompt",
+                    positive=src[0], **common)
+    edit = wf.node("KSamplerAdvanced", (COL[3], 740), title="Regenerate with the target prompt",
+                   positive=tgt[0], **common)
+    dec_r = wf.node("VAEDecode", (COL[4], 0), samples=recon[0], vae=ckpt[2])
+    save_r = wf.node("SaveImage", (COL[4], 120), extra_height=260, images=dec_r[0],
+                     filename_prefix="exact_inversion/edit_reconstruction")
+    dec_e = wf.node("VAEDecode", (COL[4], 740), samples=edit[0], vae=ckpt[2])
+    save_e = wf.node("SaveImage", (COL[4], 860), extra_height=260, images=dec_e[0],
+                     filename_prefix="exact_inversion/edit")
+    wf.group("1. Image -> noise with the source prompt", [ckpt, image, enc, src, neg, inv], GROUP_COLORS["invert"])
+    wf.group("2a. Same prompt: the original back", [recon, dec_r, save_r], GROUP_COLORS["output"])
+    wf.group("2b. Target prompt: the edit", [tgt, edit, dec_e, save_e], GROUP_COLORS["edit"])
+    wf.note(
+        "## Prompt editing (EPS models: SD1.5, SDXL)\n"
+        "Invert with the **source** prompt, then regenerate from the inverted noise with the **target** "
+        "prompt. Everything else stays as at inversion: sampler, scheduler, steps, cfg, negative, "
+        "add_noise disabled.\n\n"
+        "The upper branch regenerates with the source prompt: it gives the original back, which shows "
+        "the inversion is exact. No visible edit? Raise cfg (at inversion and regeneration alike).",
+        (COL[2], 520), width=340, height=300)
+    return "exact (backward Euler) + edit"
+
+
+def preciseinv_few_step(wf):
+    """3. Few-step inversion with PreciseInv (placeholder until its nodes are in object_info)."""
+    steps, cfg, sampler, scheduler = 4, 1.0, "euler", "simple"
+    ckpt, image = _load_sd15(wf)
+    pos = wf.node("CLIPTextEncode", (COL[1], 0), title="Prompt (the image as it is)", extra_height=40,
+                  clip=ckpt[1], text=SOURCE_PROMPT)
+    neg = wf.node("CLIPTextEncode", (COL[1], 220), title="Negative", extra_height=40, clip=ckpt[1], text="")
+    enc = wf.node("DecoderInversion", (COL[1], 440), vae=ckpt[2], image=image[0])
+    inv = wf.node("PreciseInvInvertLatent", (COL[2], 0), model=ckpt[0], positive=pos[0], negative=neg[0],
+                  latent=enc[0], sampler_name=sampler, scheduler=scheduler, steps=steps, cfg=cfg)
+    regen = wf.node("KSamplerAdvanced", (COL[3], 0), title="KSampler (Advanced): add_noise disabled",
+                    model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=inv[0], add_noise="disable",
+                    noise_seed=0, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler)
+    dec = wf.node("VAEDecode", (COL[4], 0), samples=regen[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[4], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/preciseinv_reconstruction")
+    wf.group("1. Image -> latent", [ckpt, image, enc], GROUP_COLORS["input"])
+    wf.group("2. Few-step inversion (PreciseInv)", [pos, neg, inv], GROUP_COLORS["invert"])
+    wf.group("3. Regenerate", [regen, dec, save], GROUP_COLORS["output"])
+    wf.note(
+        "## Few-step inversion with PreciseInv\n"
+        f"For few-step sampling ({steps} steps here): each step's latent is found by optimisation so that "
+        f"euler/ddim maps it onto the next one. Regenerate with {sampler}, the same scheduler, steps and cfg, "
+        "add_noise disabled.", (COL[2], 520), width=340, height=220)
+    return "PreciseInv"
+
+
+def _load_sd3(wf):
+    ckpt = wf.node("CheckpointLoaderSimple", (COL[0], 0), ckpt_name=SD3)
+    image = wf.node("LoadImage", (COL[0], 200), extra_height=290, image=INPUT_IMAGE)
+    enc = wf.node("VAEEncode", (COL[0], 720), pixels=image[0], vae=ckpt[2])
+    return ckpt, image, enc
+
+
+def rf_inversion_samplers(wf):
+    """4. RF-Inversion editing on a flow model with SamplerCustomAdvanced and the forward / reverse samplers."""
+    steps, scheduler = 28, "simple"
+    ckpt, image, enc = _load_sd3(wf)
+    src = wf.node("CLIPTextEncode", (COL[1], 0), title="Source prompt (the image as it is)", extra_height=40,
+                  clip=ckpt[1], text=SOURCE_PROMPT)
+    tgt = wf.node("CLIPTextEncode", (COL[1], 620), title="Target prompt (the edit)", extra_height=40,
+                  clip=ckpt[1], text=TARGET_PROMPT)
+    up = wf.node("InversionSigmas", (COL[1], 220), model=ckpt[0], scheduler=scheduler, steps=steps)
+    fwd = wf.node("RFForwardSampler", (COL[1], 400))
+    noise_off = wf.node("DisableNoise", (COL[2], 0))
+    guide_src = wf.node("BasicGuider", (COL[2], 100), model=ckpt[0], conditioning=src[0])
+    invert = wf.node("SamplerCustomAdvanced", (COL[2], 230), title="Invert (image -> structured noise)",
+                     noise=noise_off[0], guider=guide_src[0], sampler=fwd[0], sigmas=up[0], latent_image=enc[0])
+    down = wf.node("BasicScheduler", (COL[3], 0), model=ckpt[0], scheduler=scheduler, steps=steps, denoise=1.0)
+    rev = wf.node("RFReverseSampler", (COL[3], 180), reference=enc[0])
+    guide_tgt = wf.node("BasicGuider", (COL[3], 440), model=ckpt[0], conditioning=tgt[0])
+    edit = wf.node("SamplerCustomAdvanced", (COL[4], 0), title="Edit (noise -> image, target prompt)",
+                   noise=noise_off[0], guider=guide_tgt[0], sampler=rev[0], sigmas=down[0], latent_image=invert[0])
+    dec = wf.node("VAEDecode", (COL[5], 0), samples=edit[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[5], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/rf_edit")
+    wf.group("1. Image -> latent", [ckpt, image, enc], GROUP_COLORS["input"])
+    wf.group("2. Controlled forward flow (invert, source prompt, cfg 1)", [src, up, fwd, noise_off, guide_src, invert],
+             GROUP_COLORS["invert"])
+    wf.group("3. Controlled reverse flow (edit, target prompt)", [tgt, down, rev, guide_tgt, edit, dec, save],
+             GROUP_COLORS["edit"])
+    wf.note(
+        "## RF-Inversion (flow models: SD3, Flux)\n"
+        "Forward: Inversion Sigmas (ascending) + RF Forward Sampler, source prompt at cfg 1, no added noise. "
+        "Reverse: BasicScheduler with the **same scheduler and steps** + RF Reverse Sampler with the source "
+        "latent as reference, target prompt, no added noise.\n\n"
+        "gamma (forward): higher = more editable, less faithful. eta / stop (reverse): higher eta or a later "
+        "stop keeps more of the source.", (COL[2], 560), width=340, height=300)
+    return "RF-Inversion (samplers)"
+
+
+def rf_inversion_one_node(wf):
+    """5. The same edit with the one-node RF-Inversion Edit."""
+    ckpt, image, enc = _load_sd3(wf)
+    src = wf.node("CLIPTextEncode", (COL[1], 0), title="Source prompt (the image as it is)", extra_height=40,
+                  clip=ckpt[1], text=SOURCE_PROMPT)
+    tgt = wf.node("CLIPTextEncode", (COL[1], 220), title="Target prompt (the edit)", extra_height=40,
+                  clip=ckpt[1], text=TARGET_PROMPT)
+    edit = wf.node("RFInversionEdit", (COL[2], 0), width=320, model=ckpt[0], source=src[0], target=tgt[0],
+                   latent=enc[0])
+    dec = wf.node("VAEDecode", (COL[3], 0), samples=edit[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[3], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/rf_edit_one_node")
+    wf.group("1. Image -> latent", [ckpt, image, enc], GROUP_COLORS["input"])
+    wf.group("2. RF-Inversion Edit (invert + controlled edit in one node)", [src, tgt, edit], GROUP_COLORS["edit"])
+    wf.group("3. Output", [dec, save], GROUP_COLORS["output"])
+    wf.note(
+        "## RF-Inversion Edit (one node)\n"
+        "The same as the SamplerCustomAdvanced version: invert with the source prompt at cfg 1, then edit with "
+        "the target prompt. For SD3 you may set cfg 3-5 and connect a negative; Flux keeps cfg 1.",
+        (COL[2], 560), width=320, height=200)
+    return "RF-Inversion (one node)"
+
+
+WORKFLOWS = {
+    "exact_inversion_reconstruction": reconstruction,
+    "exact_inversion_prompt_edit_sd15": prompt_edit,
+    "preciseinv_few_step": preciseinv_few_step,
+    "rf_inversion_edit_samplers_sd3": rf_inversion_samplers,
+    "rf_inversion_edit_one_node_sd3": rf_inversion_one_node,
+}
+
+
+def build_all(object_info):
+    """{name: (workflow dict, method)} for every workflow whose nodes are installed."""
+    built, skipped = {}, {}
+    for name, build in WORKFLOWS.items():
+        wf = Workflow(object_info, name)
+        try:
+            method = build(wf)
+        except KeyError as e:
+            skipped[name] = f"node {e.args[0]} is not installed"
+            continue
+        built[name] = (wf.to_json(), method)
+    return built, skipped
+
+
+def object_info_from_server():
+    from tools.comfy_runtime import ComfyServer
+    with ComfyServer(tempfile.mkdtemp(prefix="ei_make_workflows_")) as server:
+        return server.object_info()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
+    args = parser.parse_args(argv)
+    built, skipped = build_all(object_info_from_server())
+    stale = []
+    for name, (workflow, method) in built.items():
+        path = OUT_DIR / f"{name}.json"
+        text = json.dumps(workflow, indent=2) + "\n"
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path.name)
+            continue
+        path.write_text(text)
+        print(f"wrote {path.relative_to(REPO)} ({method})")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    if stale:
+        sys.exit(f"out of date: {', '.join(stale)} (run tools/make_workflows.py)")
+
+
+if __name__ == "__main__":
+    main()
