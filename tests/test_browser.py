@@ -17,7 +17,8 @@ import pytest
 
 from tools.comfy_runtime import REPO, ComfyServer
 from tools.demo import SERVER_ARGS, install_input_image
-from tools.make_workflows import Workflow
+from tools.make_workflows import WORKFLOWS as WORKFLOW_BUILDERS
+from tools.make_workflows import Workflow, build_all
 from tools.workflow_api import ui_to_api
 
 pytestmark = pytest.mark.browser
@@ -55,7 +56,7 @@ def site():
 def server(site, tmp_path_factory):
     base = tmp_path_factory.mktemp("browser_server")
     server = ComfyServer(base, front_end_root=site / "comfyui_frontend_package" / "static",
-                         extra_args=SERVER_ARGS)
+                         extra_args=SERVER_ARGS, test_nodes=False)   # the pack alone, as users install it
     install_input_image(server.base, 64)
     server.start()
     yield server
@@ -143,6 +144,15 @@ def test_every_pack_node_is_registered_and_found_by_the_node_search(server, ui):
         ui.page.keyboard.press("Escape")
         ui.page.locator("input[placeholder='Search Nodes...']:visible").first.wait_for(state="detached", timeout=10_000)
     assert missing == {}, f"search results without the node (display name -> first results): {missing}"
+
+
+def test_example_workflows_are_the_generators_output_for_these_nodes(server):
+    built, skipped = build_all(server.object_info())
+    assert skipped == {}, skipped
+    assert sorted(p.stem for p in WORKFLOWS) == sorted(WORKFLOW_BUILDERS)
+    stale = [name for name, (workflow, _) in built.items()
+             if (REPO / "example_workflows" / f"{name}.json").read_text() != json.dumps(workflow, indent=2) + "\n"]
+    assert stale == [], f"re-run tools/make_workflows.py: {stale} no longer match the nodes' schemas"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

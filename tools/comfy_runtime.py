@@ -177,8 +177,8 @@ class PromptRejected(RuntimeError):
 class ComfyServer:
     """`main.py --cpu --listen 127.0.0.1` on a free port, with the pack symlinked into custom_nodes."""
 
-    def __init__(self, base, port=None, front_end_root=None, extra_args=()):
-        self.base = prepare_base_dir(base)
+    def __init__(self, base, port=None, front_end_root=None, extra_args=(), test_nodes=True):
+        self.base = prepare_base_dir(base, test_nodes=test_nodes)   # test_nodes=False: as users install it
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if front_end_root is None:   # no frontend package needed for API-only use
