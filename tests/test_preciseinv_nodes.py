@@ -11,7 +11,6 @@ import logging
 import pytest
 import torch
 
-from inversion_ops.preciseinv import naive_inversion
 from prompts import SD3, SD15, Graph, random_conditioning
 
 DB_FLOOR = -40.0   # eta 1e-5 per-element MSE per step is ~-50 dB on these latents; measured -47 to -74 dB
@@ -100,34 +99,36 @@ def test_eps_workflow_round_trip_reproduces_the_latent_far_better_than_naive(com
 
 
 @pytest.mark.parametrize("steps", [2, 4])
-def test_flow_workflow_inversion_regenerates_the_latent_far_better_than_naive(comfy, steps):
-    # Inverted in a workflow; regenerated the universal way (SamplerCustomAdvanced with the pack's
-    # InvertedNoise semantics: ComfyUI's add_noise-off start multiplies the latent by 1 - 1 = 0).
+def test_flow_workflow_round_trip_reproduces_the_latent_far_better_than_naive(comfy, steps):
+    # The universal recipe: SamplerCustomAdvanced with the pack's Inverted Noise (with add_noise off
+    # ComfyUI multiplies a flow model's start latent by 1 - sigma_max = 0). Naive baseline: the pack's
+    # Naive Inversion Sampler (FlipSigmas + euler arithmetic, which FlipSigmas itself cannot run to
+    # sigma = 1 on a flow model).
     cfg = 2.0
     g = Graph()
-    x0, inverted, _, _ = generate_and_invert(g, sd3_model_link(g, "flow"), steps, cfg)
+    model = sd3_model_link(g, "flow")
+    x0, inverted, positive, negative = generate_and_invert(g, model, steps, cfg)
+    sigmas = g.node("BasicScheduler", model=model, scheduler="simple", steps=steps, denoise=1.0).out
+    euler = g.node("KSamplerSelect", sampler_name="euler").out
+    guider = g.node("CFGGuider", model=model, positive=positive, negative=negative, cfg=cfg).out
+
+    def regenerate_from(noise_latent):
+        noise = g.node("InvertedNoise", model=model, latent=noise_latent).out
+        return g.node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=euler, sigmas=sigmas,
+                      latent_image=noise_latent)[0]
+
+    naive_sampler = g.node("NaiveInversionSampler").out
+    up = g.node("InversionSigmas", model=model, scheduler="simple", steps=steps, denoise=1.0).out
+    naive = g.node("SamplerCustom", model=model, add_noise=False, noise_seed=0, cfg=cfg, positive=positive,
+                   negative=negative, sampler=naive_sampler, sigmas=up, latent_image=x0)[0]
     g.node("EITestCapture", label=f"pi_flow_x0_{steps}", latent=x0)
-    g.node("EITestCapture", label=f"pi_flow_inv_{steps}", latent=inverted.out)
+    g.node("EITestCapture", label=f"pi_flow_regen_{steps}", latent=regenerate_from(inverted.out))
+    g.node("EITestCapture", label=f"pi_flow_naive_{steps}", latent=regenerate_from(naive))
     result = comfy.run(g.prompt)
     assert result.ok, result.error
-    sampling = comfy.pack_module("nodes.sampling")
-    import comfy.samplers as comfy_samplers
-    x0 = {"samples": result.capture(f"pi_flow_x0_{steps}")["latent"]}
-    inverted = {"samples": result.capture(f"pi_flow_inv_{steps}")["latent"]}
-    with torch.inference_mode():
-        model = load_unet(comfy, "tiny_sd3_flow.safetensors")
-        positive, negative = conditioning(comfy, SD3, 1), conditioning(comfy, SD3, 2)
-        sigmas = comfy_samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
-
-        def regenerate_from(noise_latent):
-            noise = sampling.InvertedNoise(model, noise_latent["samples"]).generate_noise(noise_latent)
-            return sampling.run_sampler(model, positive, negative, cfg, noise_latent, comfy_samplers.ksampler("euler"),
-                                        sigmas, noise=noise)["samples"]
-
-        naive_inverter = sampling.FunctionSampler(lambda d, x, s, cb: naive_inversion(d, x, s))
-        naive = sampling.run_sampler(model, positive, negative, cfg, x0, naive_inverter, sigmas.flip(0))
-        preciseinv_db = nmse_db(regenerate_from(inverted), x0["samples"])
-        naive_db = nmse_db(regenerate_from(naive), x0["samples"])
+    x0 = result.capture(f"pi_flow_x0_{steps}")["latent"]
+    preciseinv_db = nmse_db(result.capture(f"pi_flow_regen_{steps}")["latent"], x0)
+    naive_db = nmse_db(result.capture(f"pi_flow_naive_{steps}")["latent"], x0)
     logging.info("flow %d steps: PreciseInv %s dB, naive %s dB", steps, preciseinv_db.tolist(), naive_db.tolist())
     assert (preciseinv_db <= DB_FLOOR).all(), (preciseinv_db, naive_db)
     assert (preciseinv_db <= naive_db - DB_MARGIN).all(), (preciseinv_db, naive_db)
