@@ -11,7 +11,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from inversion_ops.rf_inversion import (TRENDS, controlled_forward, controlled_forward_sde,
+from ..inversion_ops.rf_inversion import (TRENDS, controlled_forward, controlled_forward_sde,
                                         controlled_reverse, controlled_reverse_sde)
 
 from .sampling import CATEGORY, FunctionSampler, check_latent_channels, run_sampler
