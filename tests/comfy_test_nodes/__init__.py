@@ -12,8 +12,17 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-if _REPO not in sys.path:
-    sys.path.append(_REPO)
+
+
+def _tiny_models():
+    """tools/tiny_models.py, loaded by path: putting the repo on sys.path would hide a pack module
+    that imports `inversion_ops` absolutely instead of relatively (as users' installs would fail)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("exact_inversion_tiny_models",
+                                                  os.path.join(_REPO, "tools", "tiny_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class EITestRandomConditioning(io.ComfyNode):
@@ -50,8 +59,7 @@ class EITestTinyFlux(io.ComfyNode):
 
     @classmethod
     def execute(cls):
-        from tools.tiny_models import tiny_flux_model
-        return io.NodeOutput(tiny_flux_model())
+        return io.NodeOutput(_tiny_models().tiny_flux_model())
 
 
 class EITestCapture(io.ComfyNode):
