@@ -6,7 +6,6 @@
   so in-process and server tests read results the same way.
 """
 import os
-import sys
 
 import torch
 from comfy_api.latest import ComfyExtension, io
