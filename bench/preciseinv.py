@@ -263,10 +263,12 @@ def plot(rows, path):
                          if r["model"] == model and r["cfg"] == cfg and r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set_title(f"{model.split(' (')[0]}\ncfg {cfg:g}", fontsize=8)
+        x0 = model.split("), ")[1] if "), " in model else ""
+        ax.set_title(f"{model.split(' (')[0]}\n{x0} cfg {cfg:g}", fontsize=8)
         ax.set_xlabel("steps T")
         ax.set_xscale("log")
         ax.set_xticks([2, 4, 10], ["2", "4", "10"])
+        ax.minorticks_off()
     axes[0][0].set_ylabel("reconstruction NMSE (dB)")
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
