@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tools.comfy_runtime import REPO, ComfyServer
-from tools.demo import SERVER_ARGS, install_input_image
+from tools.demo import SERVER_ARGS, SERVER_ENV, install_input_image
 from tools.make_workflows import WORKFLOWS as WORKFLOW_BUILDERS
 from tools.make_workflows import Workflow, build_all
 from tools.workflow_api import ui_to_api
@@ -31,7 +31,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-
 EXTENSION_NAME = "exact_inversion.convergence"
 EXTENSION_URL = "/extensions/exact-inversion/convergence.js"   # pyproject: name, [tool.comfy] web
 SCREENSHOTS = Path(os.environ.get("EI_BROWSER_ARTIFACTS", REPO / ".pytest_cache" / "browser"))
-RUN_TIMEOUT = 240   # seconds for one workflow on a busy 2-core CPU
+RUN_TIMEOUT = 400   # seconds for one workflow on a busy 2-core CPU
+IMAGE_SIZE = 32     # the example image is installed at 32 px: 4x4 latents keep the tiny SD1.5 UNet cheap
 
 
 def _provision():
@@ -56,8 +57,8 @@ def site():
 def server(site, tmp_path_factory):
     base = tmp_path_factory.mktemp("browser_server")
     server = ComfyServer(base, front_end_root=site / "comfyui_frontend_package" / "static",
-                         extra_args=SERVER_ARGS, test_nodes=False)   # the pack alone, as users install it
-    install_input_image(server.base, 64)
+                         extra_args=SERVER_ARGS, env=SERVER_ENV, test_nodes=False)   # the pack alone, as users install it
+    install_input_image(server.base, IMAGE_SIZE)
     server.start()
     yield server
     server.stop()
@@ -177,6 +178,7 @@ def test_example_workflow_loads_queues_and_completes(server, ui, path):
     assert status["status_str"] == "success", json.dumps(status["messages"])[-2000:]
     assert any(o.get("images") for o in entry["outputs"].values()), "no image saved"
     assert _errors_of_interest(ui.errors) == [], ui.errors
+    ui.shot(f"workflow_{path.stem}")   # the graph with its previews, for a person to look at
     print(f"{path.stem}: {time.perf_counter() - start:.1f} s")
 
 

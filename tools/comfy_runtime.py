@@ -177,7 +177,7 @@ class PromptRejected(RuntimeError):
 class ComfyServer:
     """`main.py --cpu --listen 127.0.0.1` on a free port, with the pack symlinked into custom_nodes."""
 
-    def __init__(self, base, port=None, front_end_root=None, extra_args=(), test_nodes=True):
+    def __init__(self, base, port=None, front_end_root=None, extra_args=(), test_nodes=True, env=None):
         self.base = prepare_base_dir(base, test_nodes=test_nodes)   # test_nodes=False: as users install it
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -187,6 +187,7 @@ class ComfyServer:
             (front_end_root / "index.html").write_text("<html>headless</html>")
         self.front_end_root = front_end_root
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})   # added to the server's environment (e.g. OMP_NUM_THREADS)
         self.proc = None
         self.log_path = self.base / "server.log"
 
@@ -197,7 +198,7 @@ class ComfyServer:
             cmd += ["--front-end-root", str(self.front_end_root)]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd + self.extra_args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(comfyui_dir()))
+                                     cwd=str(comfyui_dir()), env={**os.environ, **self.env} if self.env else None)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

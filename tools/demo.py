@@ -33,6 +33,9 @@ INPUT_IMAGE = WORKFLOW_DIR / "input" / "exact_inversion_coffee.jpg"
 OUT_DIR = REPO / "demo_output"
 # ComfyUI runs text encoders in fp16 on a CPU, which is about 5x slower there than fp32
 SERVER_ARGS = ("--fp32-text-enc",)
+# One torch thread: on a shared 2-core machine two threads per process made the tiny UNet's calls
+# about 8x slower (measured 411 ms vs 70 ms per batch-2 call at 4x4 latents) than one.
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY_LABEL = "tiny random-weight models (make demo)"
 
 
@@ -106,8 +109,21 @@ def run_workflow(server, path, reference):
         pixels = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float64) / 255
         nmse, psnr = nmse_psnr(pixels, reference)
         row["images"].append({"name": name, "path": image_path, "nmse_db": nmse, "psnr_db": psnr,
-                              "reconstruction": "reconstruction" in name})
+                              "kind": output_kind(name), "pixels": pixels})
+    vae_only = [im for im in row["images"] if im["kind"] == "VAE only"]
+    for im in row["images"]:   # how far the diffusion round trip is from the VAE's own decode
+        if im["kind"] == "reconstruction" and vae_only:
+            im["vs_vae_only_psnr_db"] = nmse_psnr(im["pixels"], vae_only[0]["pixels"])[1]
+    for im in row["images"]:
+        del im["pixels"]
     return row
+
+
+def output_kind(name):
+    """What a saved image is, from its SaveImage filename_prefix."""
+    if "vae_only" in name:
+        return "VAE only"
+    return "reconstruction" if "reconstruction" in name else "edit"
 
 
 def method_of(workflow):
@@ -128,8 +144,8 @@ def method_of(workflow):
 def thumbnail(reference, row, title, scale=3):
     """input | outputs, upscaled with nearest neighbour, labelled as the tiny models' output."""
     tiles = [("input", reference)] + [
-        ("reconstruction" if im["reconstruction"] else "edit",
-         np.asarray(Image.open(im["path"]).convert("RGB"), dtype=np.float64) / 255) for im in row["images"]]
+        (im["kind"], np.asarray(Image.open(im["path"]).convert("RGB"), dtype=np.float64) / 255)
+        for im in row["images"]]
     size = reference.shape[0] * scale
     pad, header, footer = 8, 24, 34
     canvas = Image.new("RGB", (pad + len(tiles) * (size + pad), header + size + footer), (32, 32, 32))
@@ -167,19 +183,23 @@ def models_line(models_dir):
 
 
 def format_table(rows):
-    header = "| workflow | method | reconstruction NMSE / PSNR vs input | other outputs: PSNR vs input | " \
-             "inversion model calls (node-reported) | seconds |"
-    lines = [header, "|" + "---|" * 6]
+    header = "| workflow | method | reconstruction NMSE / PSNR vs input | reconstruction vs VAE-only decode | " \
+             "other outputs: PSNR vs input | inversion model calls (node-reported) | seconds |"
+    lines = [header, "|" + "---|" * 7]
     for row in rows:
         if row["status"] != "success":
-            lines.append(f"| {row['workflow']} | {row['method']} | FAILED: {row.get('error', '')} | | | "
+            lines.append(f"| {row['workflow']} | {row['method']} | FAILED: {row.get('error', '')} | | | | "
                          f"{row['seconds']:.1f} |")
             continue
-        recon = [f"{im['nmse_db']:.1f} dB / {im['psnr_db']:.1f} dB" for im in row["images"] if im["reconstruction"]]
-        other = [f"{im['psnr_db']:.1f} dB" for im in row["images"] if not im["reconstruction"]]
+        recon = [im for im in row["images"] if im["kind"] == "reconstruction"]
+        recon_text = ", ".join(f"{im['nmse_db']:.1f} dB / {im['psnr_db']:.1f} dB" for im in recon) or "-"
+        vs_vae = ", ".join(f"PSNR {im['vs_vae_only_psnr_db']:.1f} dB" for im in recon
+                           if "vs_vae_only_psnr_db" in im) or "-"
+        other = ", ".join(f"{im['kind']} {im['psnr_db']:.1f} dB" for im in row["images"]
+                          if im["kind"] != "reconstruction") or "-"
         calls = "not reported" if row["model_calls"] is None else str(row["model_calls"])
-        lines.append(f"| {row['workflow']} | {row['method']} | {', '.join(recon) or '-'} | "
-                     f"{', '.join(other) or '-'} | {calls} | {row['seconds']:.1f} |")
+        lines.append(f"| {row['workflow']} | {row['method']} | {recon_text} | {vs_vae} | {other} | {calls} | "
+                     f"{row['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -198,7 +218,7 @@ def main(argv=None):
     OUT_DIR.mkdir()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ei_demo_") as base:
-        server = ComfyServer(base, extra_args=SERVER_ARGS, test_nodes=False)   # as users install the pack
+        server = ComfyServer(base, extra_args=SERVER_ARGS, test_nodes=False, env=SERVER_ENV)   # as users install the pack
         reference = install_input_image(server.base, args.size)
         Image.fromarray((reference * 255).round().astype(np.uint8)).save(OUT_DIR / "input.png")
         with server:
@@ -207,8 +227,7 @@ def main(argv=None):
                 row = run_workflow(server, path, reference)
                 row["method"] = method_of(json.loads(path.read_text()))
                 for i, im in enumerate(row["images"]):
-                    kind = "reconstruction" if im["reconstruction"] else "edit"
-                    dest = OUT_DIR / f"{path.stem}_{kind}_{i}.png"
+                    dest = OUT_DIR / f"{path.stem}_{im['kind'].replace(' ', '_')}_{i}.png"
                     shutil.copyfile(im["path"], dest)
                     im["path"] = dest
                 if row["status"] == "success":

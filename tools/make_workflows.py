@@ -162,7 +162,7 @@ class Workflow:
         return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"exact-inversion/{self.name}")), "revision": 0,
                 "last_node_id": self.next_id - 1, "last_link_id": self.next_link - 1,
                 "nodes": [n.record for n in self.nodes], "links": self.links, "groups": self.groups,
-                "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 60]}}, "version": 0.4}
+                "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [80, 150]}}, "version": 0.4}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,16 +194,23 @@ def reconstruction(wf):
     dec = wf.node("VAEDecode", (COL[4], 0), samples=regen[0], vae=ckpt[2])
     save = wf.node("SaveImage", (COL[4], 120), extra_height=260, images=dec[0],
                    filename_prefix="exact_inversion/reconstruction")
+    vae_only = wf.node("VAEDecode", (COL[3], 560), title="VAE Decode (the VAE's own limit)", samples=enc[0],
+                       vae=ckpt[2])
+    save_vae = wf.node("SaveImage", (COL[3], 680), extra_height=260, images=vae_only[0],
+                       filename_prefix="exact_inversion/vae_only")
     wf.group("1. Image -> latent (exact VAE encode)", [ckpt, image, enc], GROUP_COLORS["input"])
     wf.group("2. Latent -> noise (exact inversion)", [pos, neg, inv], GROUP_COLORS["invert"])
     wf.group("3. Noise -> the same image", [regen, dec, save], GROUP_COLORS["output"])
+    wf.group("Compare: the latent decoded directly", [vae_only, save_vae], GROUP_COLORS["input"])
     wf.note(
         "## Exact reconstruction\n"
         "Decoder Inversion encodes the image so that the VAE decodes it back; Invert Latent finds the noise "
         "from which **the same** sampler, scheduler, steps, cfg and prompts regenerate that latent.\n\n"
         "Regenerate with KSampler (Advanced), **add_noise disabled**, the same settings "
         f"({sampler}, {scheduler}, {steps} steps, cfg {cfg}).\n\n"
-        "Invertible samplers: euler, ddim, dpmpp_2m.", (COL[2], 520), width=340, height=260)
+        "Invertible samplers: euler, ddim, dpmpp_2m.\n\n"
+        "Compare the two saved images: if the inversion is exact, the reconstruction matches the VAE-only "
+        "decode (the VAE's own limit), whatever the model.", (COL[2], 520), width=340, height=320)
     return "exact (backward Euler)"
 
 
