@@ -123,8 +123,13 @@ class InProcessComfy:
         if comfy_dir not in sys.path:
             sys.path.insert(0, comfy_dir)
         sys.argv = [os.path.join(comfy_dir, "main.py"), "--cpu", "--base-directory", str(self.base)]
+        if "folder_paths" in sys.modules:
+            raise RuntimeError("folder_paths was imported before InProcessComfy: its base directory is fixed")
         import comfy.options
         comfy.options.enable_args_parsing()
+        import comfy.cli_args   # parsed already if something imported comfy first: set what we need
+        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.base_directory = str(self.base)
         import utils.extra_config  # noqa: F401  must precede `nodes`, which shadows `utils`
         import utils.install_util  # noqa: F401
         import execution

@@ -140,16 +140,10 @@ def test_descending_sigmas_are_refused():
 
 
 @pytest.fixture(scope="module")
-def comfy_sampling():
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir or not os.path.isdir(comfy_dir):
-        pytest.skip("COMFYUI_DIR not set: run `eval \"$(bash tools/provision.sh)\"`")
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True   # CPU torch: keep model_management off CUDA
-    import comfy.k_diffusion.sampling as sampling
-    return sampling
+def comfy_sampling(comfy):
+    """ComfyUI's own k-diffusion samplers, imported after the session's ComfyUI is set up."""
+    import importlib
+    return importlib.import_module("comfy.k_diffusion.sampling")
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
