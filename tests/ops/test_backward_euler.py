@@ -4,8 +4,6 @@ The analytic model runs in float64, so per-step solves can reach ~1e-12 and the 
 below come from the solver tolerance (1e-6 RMS per element here) amplified by the sampler's
 contraction (x0 spreads ~0.3 where x_T spreads ~15, so ~50x), not from model error.
 """
-import os
-import sys
 
 import pytest
 import torch
