@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from tools.workflow_api import is_widget, ordered_inputs  # noqa: E402
 
 OUT_DIR = REPO / "example_workflows"
 INPUT_IMAGE = "exact_inversion_coffee.jpg"
@@ -28,7 +29,6 @@ SOURCE_PROMPT = "a cup of coffee with latte art on a saucer, top view, photo"
 TARGET_PROMPT = "a cup of green matcha tea on a saucer, top view, photo"
 NEGATIVE_PROMPT = "blurry, low quality"
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 GROUP_COLORS = {"input": "#3f789e", "invert": "#8A8", "output": "#b06634", "edit": "#a1309b"}
 NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 
@@ -39,23 +39,6 @@ class Node:
 
     def __getitem__(self, slot):
         return (self, slot)
-
-
-def _is_widget(spec):
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
-
-
-def _ordered_inputs(schema):
-    """(name, spec, required) in the order the frontend lays them out."""
-    out = []
-    for section in ("required", "optional"):
-        for name, spec in schema.get("input", {}).get(section, {}).items():
-            out.append((name, spec, section == "required"))
-    order = schema.get("input_order")
-    if order:
-        rank = {n: i for i, n in enumerate(order.get("required", []) + order.get("optional", []))}
-        out.sort(key=lambda item: rank.get(item[0], len(rank)))
-    return out
 
 
 def _default(name, spec):
@@ -93,13 +76,13 @@ class Workflow:
         node = Node(self, self.next_id, class_type)
         self.next_id += 1
         slots, widgets_values, widget_count, link_slots = [], [], 0, 0
-        unknown = set(inputs) - {name for name, _, _ in _ordered_inputs(schema)}
+        unknown = set(inputs) - {name for name, _, _ in ordered_inputs(schema)}
         if unknown:
             raise ValueError(f"{class_type} has no input(s) {sorted(unknown)}")
-        for name, spec, required in _ordered_inputs(schema):
+        for name, spec, required in ordered_inputs(schema):
             value = inputs.get(name)
             linked = isinstance(value, (tuple, Node))
-            if _is_widget(spec):
+            if is_widget(spec):
                 widget_count += 1
                 widgets_values.append(_default(name, spec) if value is None or linked else value)
                 if _has_control_widget(name, spec):

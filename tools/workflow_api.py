@@ -13,23 +13,28 @@ class WorkflowError(ValueError):
     pass
 
 
-def _is_widget(spec):
+def is_widget(spec):
     kind = spec[0]
     return isinstance(kind, list) or kind in LINK_FREE_TYPES
 
 
-def _widget_inputs(schema):
-    """(name, options) of every widget input in the order the frontend lays out widget values."""
+def ordered_inputs(schema):
+    """(name, spec, required) of every input, in the order the frontend lays them out."""
     out = []
     for section in ("required", "optional"):
         for name, spec in schema.get("input", {}).get(section, {}).items():
-            if _is_widget(spec):
-                out.append((name, spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}))
+            out.append((name, spec, section == "required"))
     order = schema.get("input_order")
     if order:
         rank = {n: i for i, n in enumerate(order.get("required", []) + order.get("optional", []))}
         out.sort(key=lambda item: rank.get(item[0], len(rank)))
     return out
+
+
+def _widget_inputs(schema):
+    """(name, options) of every widget input, in the order of the node's widget values."""
+    return [(name, spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            for name, spec, _ in ordered_inputs(schema) if is_widget(spec)]
 
 
 def _widget_values(node, schema):
