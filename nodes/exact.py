@@ -3,12 +3,11 @@
 "Invert Latent" node. The maths is in inversion_ops.backward_euler; the ComfyUI plumbing
 (guider, flow sigma = 1 handling, InvertedNoise) in nodes/sampling.py.
 """
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..inversion_ops import backward_euler
-from .sampling import (CATEGORY, FunctionSampler, InvertedNoise as InvertedNoiseObject, check_invertible_sampler,
-                       check_latent_channels, run_sampler)
+from .sampling import (CATEGORY, FunctionSampler, InvertedNoise as InvertedNoiseObject, check_ascending_sigmas,
+                       check_invertible_sampler, check_latent_channels, invert_whole_latent, inversion_node_inputs)
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui
 
@@ -28,12 +27,6 @@ ROUND_TRIP_RECIPE = (
     "recipe: with add_noise off, ComfyUI multiplies the start latent by 1 - sigma = 0.")
 
 
-def _check_ascending(sigmas):
-    if len(sigmas) < 2 or float(sigmas[0]) >= float(sigmas[-1]):
-        raise ValueError("sigmas must ascend from the least noisy (an inversion walks up the schedule): "
-                         "connect Inversion Sigmas, or FlipSigmas after BasicScheduler.")
-
-
 def inversion_run(sampler, method, solver="anderson", iterations=100, tolerance=1e-4):
     """`run(denoise, x, sigmas, callback) -> (x, info)` for FunctionSampler.
 
@@ -51,7 +44,7 @@ def inversion_run(sampler, method, solver="anderson", iterations=100, tolerance=
             active_only=False, callback=cb)
 
     def run(denoise, x, sigmas, callback):
-        _check_ascending(sigmas)
+        check_ascending_sigmas(sigmas)
         return invert(denoise, x, sigmas, callback)
     return run
 
@@ -150,16 +143,9 @@ class InvertLatent(io.ComfyNode):
                 "this latent (exact: backward Euler; naive: FlipSigmas + euler). " + ROUND_TRIP_RECIPE +
                 " At high cfg several noises can give the same image: judge by the regenerated latent."),
             inputs=[
-                io.Model.Input("model", tooltip="The model you will regenerate with (its patches apply)."),
-                io.Conditioning.Input("positive", tooltip="The positive conditioning you will regenerate with."),
-                io.Conditioning.Input("negative", tooltip="The negative conditioning you will regenerate with."),
-                io.Latent.Input("latent", tooltip="The latent to invert (VAE Encode of your image)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="The sampler you will regenerate with. Only euler, ddim and dpmpp_2m "
+                *inversion_node_inputs("The sampler you will regenerate with. Only euler, ddim and dpmpp_2m "
                                        "can be inverted; the full list is offered so the widget can be shared "
                                        "with a KSampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="The scheduler you will regenerate with."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The steps you will regenerate with."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The cfg you will regenerate with."),
@@ -183,9 +169,7 @@ class InvertLatent(io.ComfyNode):
         check_latent_channels(model, latent["samples"])
         sigmas = inversion_sigmas(model, scheduler, steps, denoise)
         inverter = FunctionSampler(inversion_run(sampler, method, "anderson", iterations, tolerance))
-        # a noise_mask would blend the latent back in at every step: invert the whole latent
-        source = {k: v for k, v in latent.items() if k != "noise_mask"}
-        noise = run_sampler(model, positive, negative, cfg, source, inverter, sigmas)
+        noise = invert_whole_latent(model, positive, negative, cfg, latent, inverter, sigmas)
         return io.NodeOutput(noise, ui=residual_ui(inverter.last_info, steps, method, sampler))
 
 

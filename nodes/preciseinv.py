@@ -12,12 +12,12 @@ be differentiated.
 import contextlib
 
 import comfy.model_management
-import comfy.samplers
 import torch
 from comfy_api.latest import io
 
 from ..inversion_ops.preciseinv import preciseinv
-from .sampling import CATEGORY, FunctionSampler, check_invertible_sampler, check_latent_channels, run_sampler
+from .sampling import (CATEGORY, FunctionSampler, check_ascending_sigmas, check_invertible_sampler,
+                       check_latent_channels, invert_whole_latent, inversion_node_inputs)
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui
 
@@ -92,9 +92,7 @@ def require_input_gradient(denoise):
 def preciseinv_run(eta, max_iterations, lr=DEFAULT_LR):
     """`run(denoise, x, sigmas, callback) -> (x, info)` for FunctionSampler."""
     def run(denoise, x, sigmas, callback):
-        if len(sigmas) < 2 or float(sigmas[0]) >= float(sigmas[-1]):
-            raise ValueError("sigmas must ascend from the least noisy (an inversion walks up the schedule): "
-                             "connect Inversion Sigmas, or FlipSigmas after BasicScheduler.")
+        check_ascending_sigmas(sigmas)
         try:   # a conditioning batch may differ per row: every model call takes the whole batch
             return preciseinv(require_input_gradient(denoise), x, sigmas, eta=eta, max_iters=max_iterations,
                               lr=lr, callback=callback, active_only=False)
@@ -134,9 +132,7 @@ def invert_latent(model, positive, negative, latent, sampler_name, scheduler, st
     check_latent_channels(model, latent["samples"])
     sigmas = inversion_sigmas(model, scheduler, steps)
     sampler = PreciseInvFunctionSampler(preciseinv_run(eta, max_iterations, lr))
-    # a noise_mask would blend the latent back in at every step: invert the whole latent
-    source = {k: v for k, v in latent.items() if k != "noise_mask"}
-    noise = run_sampler(model, positive, negative, cfg, source, sampler, sigmas)
+    noise = invert_whole_latent(model, positive, negative, cfg, latent, sampler, sigmas)
     return noise, sampler.last_info
 
 
@@ -209,15 +205,8 @@ class PreciseInvInvertLatent(io.ComfyNode):
                 "the model; 1 to 50 steps). Its ui shows each step's final loss and flags the steps that "
                 "stopped at max_iterations. " + ROUND_TRIP_RECIPE),
             inputs=[
-                io.Model.Input("model", tooltip="The model you will regenerate with (its patches apply)."),
-                io.Conditioning.Input("positive", tooltip="The positive conditioning you will regenerate with."),
-                io.Conditioning.Input("negative", tooltip="The negative conditioning you will regenerate with."),
-                io.Latent.Input("latent", tooltip="The latent to invert (VAE Encode of your image)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="The sampler you will regenerate with: euler or ddim (the full list is "
+                *inversion_node_inputs("The sampler you will regenerate with: euler or ddim (the full list is "
                                        "offered so the widget can be shared with a KSampler)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="The scheduler you will regenerate with."),
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="The steps you will regenerate with."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The cfg you will regenerate with."),

@@ -8,6 +8,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
+from comfy_api.latest import io
 
 CATEGORY = "inversion"
 
@@ -26,6 +27,26 @@ def check_invertible_sampler(sampler_name):
            if stochastic else "this pack has no exact inverse for its update")
     raise ValueError(f"sampler_name {sampler_name!r} cannot be inverted: {why}. "
                      f"Use one of {', '.join(INVERTIBLE_SAMPLERS)} for both inversion and regeneration.")
+
+
+def check_ascending_sigmas(sigmas):
+    if len(sigmas) < 2 or float(sigmas[0]) >= float(sigmas[-1]):
+        raise ValueError("sigmas must ascend from the least noisy (an inversion walks up the schedule): "
+                         "connect Inversion Sigmas, or FlipSigmas after BasicScheduler.")
+
+
+def inversion_node_inputs(sampler_tooltip):
+    """The inputs every one-node inversion shares: what the user will regenerate with."""
+    return [
+        io.Model.Input("model", tooltip="The model you will regenerate with (its patches apply)."),
+        io.Conditioning.Input("positive", tooltip="The positive conditioning you will regenerate with."),
+        io.Conditioning.Input("negative", tooltip="The negative conditioning you will regenerate with."),
+        io.Latent.Input("latent", tooltip="The latent to invert (VAE Encode of your image)."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                       tooltip=sampler_tooltip),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                       tooltip="The scheduler you will regenerate with."),
+    ]
 
 
 def check_latent_channels(model, samples, input_name="latent"):
@@ -130,6 +151,13 @@ def run_sampler(model, positive, negative, cfg, latent, sampler, sigmas, noise=N
     result = latent.copy()
     result["samples"] = out.to(comfy.model_management.intermediate_device())
     return result
+
+
+def invert_whole_latent(model, positive, negative, cfg, latent, sampler, sigmas):
+    """run_sampler over ascending sigmas. A noise_mask would blend the latent back in at every step,
+    so the whole latent is inverted."""
+    source = {k: v for k, v in latent.items() if k != "noise_mask"}
+    return run_sampler(model, positive, negative, cfg, source, sampler, sigmas)
 
 
 class InvertedNoise:
