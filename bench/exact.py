@@ -74,7 +74,7 @@ def inverters(sampler, refine_passes):
 
 
 def comfy_rows(quick):
-    from tools.comfy_runtime import InProcessComfy
+    from tests.support.comfy_runtime import InProcessComfy
     with tempfile.TemporaryDirectory() as base:
         runtime = InProcessComfy(base)
         import comfy.samplers

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from inversion_ops import backward_euler as be  # noqa: E402
-from inversion_ops.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
+from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
 from inversion_ops.common import nmse_db  # noqa: E402
 
 COLUMNS = ("model", "sampler", "steps", "cfg", "method", "noise_nmse_db", "regen_nmse_db",

@@ -281,7 +281,7 @@ def main(quick: bool = False):
     started = time.perf_counter()
     rows = analytic_rows(quick)
     print(f"analytic: {len(rows)} rows, {time.perf_counter() - started:.0f} s", flush=True)
-    from tools.comfy_runtime import InProcessComfy
+    from tests.support.comfy_runtime import InProcessComfy
     runtime = InProcessComfy(tempfile.mkdtemp(prefix="bench_preciseinv_"))
     torch.set_num_threads(1)
 

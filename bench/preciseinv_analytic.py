@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inversion_ops.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
+from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
 from inversion_ops.common import euler_step, nmse_db  # noqa: E402
 from inversion_ops.preciseinv import naive_inversion, preciseinv  # noqa: E402
 

@@ -26,7 +26,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import rf_analytic  # noqa: E402
 from common import markdown_table, result_path, write_results  # noqa: E402
-from inversion_ops.analytic import GaussianMixtureDenoiser  # noqa: E402
+from tests.support.analytic import GaussianMixtureDenoiser  # noqa: E402
 from inversion_ops.common import nmse_db  # noqa: E402
 from inversion_ops.rf_inversion import controlled_forward, controlled_reverse  # noqa: E402
 
@@ -286,7 +286,7 @@ def main(quick: bool = False):
     analytic = AnalyticBackend((16, 8, 8), steps)
     rows += noise_rows(analytic, n) + eta_rows(analytic, n, etas) + edit_rows(analytic, n, grid)
 
-    from tools.comfy_runtime import InProcessComfy
+    from tests.support.comfy_runtime import InProcessComfy
     runtime = InProcessComfy(tempfile.mkdtemp(prefix="bench_rf_"))
     torch.set_num_threads(1)
     with torch.inference_mode():   # as ComfyUI's executor runs every node (no autograd graph)
@@ -310,7 +310,7 @@ def _comfy_part(runtime, quick, steps, n, etas, grid):
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False   # run_sampler's tqdm bars would flood the table output
     import folder_paths
-    from tools.tiny_models import tiny_flux_model
+    from tests.support.tiny_models import tiny_flux_model
     pack = {k: runtime.pack_module(f"nodes.{k}") for k in ("rf", "sampling", "sigmas")}
     sd3 = comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models",
                                                                             "tiny_sd3_flow.safetensors"))

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inversion_ops.analytic import GaussianMixtureDenoiser  # noqa: E402
+from tests.support.analytic import GaussianMixtureDenoiser  # noqa: E402
 from inversion_ops.common import nmse_db  # noqa: E402
 from inversion_ops.rf_inversion import (controlled_forward, controlled_reverse,  # noqa: E402
                                         plain_ode_inversion)

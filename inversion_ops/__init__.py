@@ -1,6 +1,5 @@
-"""Pure-torch inversion algorithms (no ComfyUI imports), one flat function per method.
-
-Each function takes callables (`denoise(x, sigma) -> x0`, `encode`, `decode`) plus sigmas
-and returns `(result, InversionInfo)`.
+"""Pure-torch inversion algorithms (no ComfyUI imports), one flat function per method, each in
+k-diffusion's shape: `fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)`
+returns the result and reports per-step diagnostics through the callback dict (see common.py).
+Decoder inversion has the same shape over `encode` / `decode` callables (decoder.py).
 """
-from .common import InversionInfo, nmse_db, per_sample_rms, psnr_db  # noqa: F401

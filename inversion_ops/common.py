@@ -1,62 +1,145 @@
-"""Small shared helpers for the inversion functions: per-sample norms, stop masks, records.
+"""Helpers shared by every inversion function: one idea each, in k-diffusion's conventions.
 
-Everything works on batches of shape (B, ...): tolerances are per element (an RMS over one
-sample), so their meaning does not change with resolution or latent channels.
+- A model is `model(x, sigma_batch, **extra_args) -> denoised` (CFG applied), sigma a (B,) tensor.
+- Tensors we create live on the input's device; iterates and residuals are float32 (float64 stays
+  float64) whatever the model's dtype; tolerances are per element (an RMS over one sample).
+- Diagnostics travel in the callback dict: `i`, `x`, `sigma`, `sigma_hat`, `denoised`, plus
+  `residual`, `iterations`, `hit_cap` (per-sample (B,) tensors) and `model_calls` (running count).
 """
-from dataclasses import dataclass, field
-
 import torch
 
-
-def per_sample_rms(t):
-    """Root-mean-square over every dim but the batch: shape (B,)."""
-    return t.detach().float().flatten(1).pow(2).mean(1).sqrt()
+SIGMA_FLOOR = 1e-4   # what ComfyUI's FlipSigmas puts in place of a leading 0
 
 
-def nmse_db(estimate, truth):
-    """Normalised squared error in dB per sample: 10*log10(||estimate - truth||^2 / ||truth||^2)."""
-    err = (estimate.float() - truth.float()).flatten(1).pow(2).sum(1)
-    ref = truth.float().flatten(1).pow(2).sum(1).clamp_min(1e-30)
-    return 10 * torch.log10(err.clamp_min(1e-30) / ref)
+def work_dtype(x):
+    """The dtype iterates accumulate in: float32, or float64 when x already is."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
-def psnr_db(image, reference, peak=1.0):
-    """PSNR in dB per sample for images in [0, peak]."""
-    mse = (image.float() - reference.float()).flatten(1).pow(2).mean(1).clamp_min(1e-30)
-    return 10 * torch.log10(peak ** 2 / mse)
+def append_dims(v, x):
+    """Broadcast a (B,) vector (or a scalar tensor) over the trailing dims of x."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def batch_view(mask, like):
-    """Broadcast a (B,) mask or vector over the trailing dims of `like`."""
-    return mask.view(-1, *([1] * (like.ndim - 1)))
+def sigma_batch(sigma, x):
+    """sigma (a number or a 0-d / 1-element tensor) as the (B,) tensor a model takes, on x's device."""
+    return x.new_ones([x.shape[0]]) * sigma
 
 
-def select(mask, new, old):
-    """Per-sample choice: rows of `new` where mask is True, else rows of `old`."""
-    return torch.where(batch_view(mask, new), new, old)
-
-
-@dataclass
-class InversionInfo:
-    """What every inversion function returns beside its result, for nodes, tests and benchmarks."""
-    model_calls: int = 0
-    residuals: list = field(default_factory=list)   # per step (or iteration): list of per-sample floats
-    iterations: list = field(default_factory=list)  # per step: iterations used (max over the batch)
-    hit_cap: list = field(default_factory=list)     # per step: True where a sample stopped at the cap
-
-    def final_residual(self):
-        return self.residuals[-1] if self.residuals else []
-
-
-def to_d(x, denoised, sigma):
-    """ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (k-diffusion's `to_d`)."""
-    return (x - denoised) / batch_view(torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1), x)
+def to_d(x, sigma, denoised):
+    """ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (k-diffusion's `to_d`, same order)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return (x - denoised) / append_dims(sigma, x) if sigma.ndim else (x - denoised) / sigma
 
 
 def euler_step(x, denoised, sigma, sigma_next):
-    """One DDIM / Euler step as ComfyUI's `sample_euler` computes it, in its sigma coordinates.
+    """One DDIM / Euler step with ComfyUI's `sample_euler` arithmetic (x + d * dt), in any direction.
 
-    The same arithmetic order as ComfyUI (x + d * dt), so eta = 0 or one-step checks match it to
-    float precision. Valid for EPS, V_PREDICTION and CONST (flow): they differ only in D.
+    Valid for EPS, V_PREDICTION and CONST (flow) alike: they differ only in D.
     """
-    return x + to_d(x, denoised, sigma) * (sigma_next - sigma)
+    return x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+
+
+def naive_step(model, x, sigma, sigma_next, extra_args):
+    """The one naive inversion step sigma -> sigma_next (noisier): D evaluated at x labelled with
+    sigma_next (DDIM inversion's approximation; nothing divides by sigma, which may be 0)."""
+    denoised = model(x, sigma_batch(sigma_next, x), **extra_args).to(x.dtype)
+    return x + to_d(x, sigma_next, denoised) * (sigma_next - sigma)
+
+
+def check_sigmas(sigmas, ascending=True, unit_interval=False):
+    """Validate a schedule; returns it as a 1-D tensor (on its own device).
+
+    ascending: an inversion walks up from the least noisy sigma; descending: noise -> image.
+    """
+    sigmas = torch.as_tensor(sigmas).flatten()
+    values = sigmas.detach().cpu().double()
+    steps = values[1:] - values[:-1]
+    ordered = bool((steps > 0).all()) if ascending else bool((steps < 0).all())
+    in_range = not unit_interval or bool(((values >= 0) & (values <= 1)).all())
+    if len(values) < 2 or not ordered or not in_range or bool((values < 0).any()):
+        order = "strictly ascending (least noisy first, e.g. Inversion Sigmas or FlipSigmas)" if ascending \
+            else "strictly descending (noisiest first, e.g. BasicScheduler)"
+        where = " within [0, 1]" if unit_interval else ""
+        raise ValueError(f"sigmas must be {order}{where} with at least 2 entries, got {values.tolist()}")
+    return sigmas
+
+
+def per_sample_rms(t):
+    """Root-mean-square over every dim but the batch, in float32 (float64 stays): shape (B,)."""
+    return t.detach().to(work_dtype(t)).flatten(1).pow(2).mean(1).sqrt()
+
+
+def select(mask, new, old):
+    """Per-sample choice: rows of `new` where the (B,) mask is True, else rows of `old`."""
+    return torch.where(append_dims(mask, new), new, old)
+
+
+class CountedModel:
+    """`model` with its calls counted (one call on a batch counts once, CFG included)."""
+
+    def __init__(self, model, extra_args=None):
+        self.model, self.extra_args, self.calls = model, extra_args or {}, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.model(x, sigma_batch(sigma, x), **self.extra_args)
+
+
+def report(callback, **fields):
+    """Call a k-diffusion callback, if any; `denoised` falls back to x where a step has none."""
+    if callback is not None:
+        if fields.get("denoised") is None:
+            fields["denoised"] = fields["x"]
+        fields.setdefault("sigma_hat", fields.get("sigma"))
+        callback(fields)
+
+
+class StepLog:
+    """A callback that keeps what the inversion functions report, as plain lists, for a node's
+    convergence view, tests and benchmarks. Chain it before ComfyUI's own callback with `tee`.
+
+    One record per callback (per step, or per evaluation for decoder inversion) with the per-sample
+    `residual`, `iterations` and `hit_cap` where reported, and the refine `pass` (dpmpp_2m).
+    """
+
+    FIELDS = ("residual", "iterations", "hit_cap")
+
+    def __init__(self):
+        self.records, self.model_calls, self.model_calls_backward = [], 0, 0
+
+    def __call__(self, d):
+        record = {"pass": d.get("pass", 0)}
+        for key in self.FIELDS:
+            if d.get(key) is not None:
+                record[key] = torch.as_tensor(d[key]).detach().cpu().tolist()
+        self.records.append(record)
+        self.model_calls = d.get("model_calls", self.model_calls)
+        self.model_calls_backward = d.get("model_calls_backward", self.model_calls_backward)
+
+    def series(self, key, last_pass=False):
+        """Per-record lists of per-sample values of `key`; last_pass: only the final pass's records."""
+        records = self.records
+        if last_pass and records:
+            records = [r for r in records if r["pass"] == records[-1]["pass"]]
+        return [r[key] for r in records if key in r]
+
+    @property
+    def residuals(self):
+        return self.series("residual")
+
+    @property
+    def hit_cap(self):
+        return self.series("hit_cap")
+
+    @property
+    def iterations(self):
+        return self.series("iterations")
+
+    def tee(self, callback=None):
+        """A callback that records here, then calls `callback` (e.g. ComfyUI's preview / progress)."""
+        def both(d):
+            self(d)
+            if callback is not None:
+                callback(d)
+        return both

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tools.comfy_runtime import ComfyServer, InProcessComfy  # noqa: E402
+from tests.support.comfy_runtime import ComfyServer, InProcessComfy  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ class Node:
         return [self.id, 0]
 
 
-# Conditioning widths for the tiny models (tools/tiny_models.py).
+# Conditioning widths for the tiny models (tests/support/tiny_models.py).
 SD15 = {"width": 768, "pooled_width": 0}
 SD3 = {"width": 4096, "pooled_width": 2048}
 FLUX = {"width": 64, "pooled_width": 32}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.comfy_runtime import REPO, ComfyServer
+from tests.support.comfy_runtime import REPO, ComfyServer
 from tools.demo import SERVER_ARGS, SERVER_ENV, install_input_image
 from tools.make_workflows import WORKFLOWS as WORKFLOW_BUILDERS
 from tools.make_workflows import Workflow, build_all

@@ -170,7 +170,7 @@ def _flux_conditioning(seed, batch=1):
 
 
 def test_edit_runs_on_tiny_flux_in_process_and_leaves_inputs_unchanged(comfy):
-    from tools.tiny_models import tiny_flux_model
+    from tests.support.tiny_models import tiny_flux_model
     rf = comfy.pack_module("nodes.rf")
     model = tiny_flux_model()
     options_before = copy.deepcopy(model.model_options)

@@ -1,7 +1,7 @@
 """`make demo`: run every shipped example workflow on a headless ComfyUI and report what it did.
 
 The workflows are queued unchanged through the HTTP API (converted with tools.workflow_api.ui_to_api),
-with the users' model names mapped onto the tiny random-weight models (tools/tiny_models.py) and
+with the users' model names mapped onto the tiny random-weight models (tests/support/tiny_models.py) and
 the example image downscaled to 64 px (the tiny models run on a CPU in seconds at that size).
 Images go to demo_output/; one table is printed: workflow, method, reconstruction NMSE/PSNR against
 the input, the inversion's model calls as the nodes report them, and seconds.
@@ -24,8 +24,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from tools.comfy_runtime import ComfyServer, tiny_models_dir  # noqa: E402
-from tools.tiny_models import USER_MODEL_ALIASES  # noqa: E402
+from tests.support.comfy_runtime import ComfyServer, tiny_models_dir  # noqa: E402
+from tests.support.tiny_models import USER_MODEL_ALIASES  # noqa: E402
 from tools.workflow_api import ui_to_api  # noqa: E402
 
 WORKFLOW_DIR = REPO / "example_workflows"

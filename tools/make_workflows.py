@@ -355,7 +355,7 @@ def build_all(object_info):
 
 
 def object_info_from_server():
-    from tools.comfy_runtime import ComfyServer
+    from tests.support.comfy_runtime import ComfyServer
     with ComfyServer(tempfile.mkdtemp(prefix="ei_make_workflows_")) as server:
         return server.object_info()
 

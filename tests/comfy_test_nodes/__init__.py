@@ -14,11 +14,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file_
 
 
 def _tiny_models():
-    """tools/tiny_models.py, loaded by path: putting the repo on sys.path would hide a pack module
+    """tests/support/tiny_models.py, loaded by path: putting the repo on sys.path would hide a pack module
     that imports `inversion_ops` absolutely instead of relatively (as users' installs would fail)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("exact_inversion_tiny_models",
-                                                  os.path.join(_REPO, "tools", "tiny_models.py"))
+                                                  os.path.join(_REPO, "tests", "support", "tiny_models.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -10,7 +10,7 @@ iterations (fp32 rounding of the latent sits near 1e-7 relative, far below).
 import pytest
 import torch
 
-from inversion_ops.analytic import LinearVAE
+from tests.support.analytic import LinearVAE
 from inversion_ops.common import per_sample_rms
 from inversion_ops.decoder import (
     check_inertial_km, inertial_km_max_rho, invert_adam_residual, invert_encoder, invert_forward_step,

@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 
-from inversion_ops.analytic import GaussianMixtureDenoiser
+from tests.support.analytic import GaussianMixtureDenoiser
 from inversion_ops.common import euler_step, nmse_db
 from inversion_ops.preciseinv import naive_inversion, preciseinv
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inversion_ops.analytic import GaussianMixtureDenoiser
+from tests.support.analytic import GaussianMixtureDenoiser
 from inversion_ops.common import to_d
 from inversion_ops.rf_inversion import (controlled_forward, controlled_forward_sde, controlled_reverse,
                                         controlled_reverse_sde, eta_schedule, plain_ode_inversion)

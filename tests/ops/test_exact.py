@@ -8,13 +8,21 @@ contraction (x0 spreads ~0.3 where x_T spreads ~15, so ~50x), not from model err
 import pytest
 import torch
 
-from inversion_ops import backward_euler as be
-from inversion_ops.analytic import GaussianMixtureDenoiser, cfg_denoiser
-from inversion_ops.common import nmse_db
+from inversion_ops import exact as be
+from inversion_ops.common import StepLog
+from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser
+from tests.support.metrics import nmse_db
+from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
 
 TOL = 1e-6
 # tiny tensors: intra-op threads only contend for the 2 shared cores (softmax took ms per call)
 torch.set_num_threads(1)
+
+
+def run(invert, *args, **options):
+    """(result, StepLog) of an inversion function called with the k-diffusion signature."""
+    log = StepLog()
+    return invert(*args, callback=log, **options), log
 
 
 def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
@@ -43,8 +51,8 @@ def make_case(parameterization, cfg, steps, batch=1, seed=1):
 @pytest.mark.parametrize("parameterization", ["eps", "flow"])
 def test_exact_euler_inversion_recovers_noise_below_minus_60_db(parameterization):
     denoise, sigmas, noise = make_case(parameterization, cfg=1.0, steps=10)
-    image = be.sample_euler(denoise, noise, sigmas)
-    recovered, info = be.exact_inversion_euler(denoise, image, sigmas.flip(0), tol=TOL)
+    image = sample_euler(denoise, noise, sigmas)
+    recovered, info = run(be.exact_inversion_euler, denoise, image, sigmas.flip(0), tolerance=TOL)
     # per-step residual 1e-6 x ~50 contraction is ~-80 dB; -60 dB leaves margin
     assert nmse_db(recovered, noise).max() < -60
     assert not any(any(capped) for capped in info.hit_cap)
@@ -54,9 +62,9 @@ def test_exact_euler_inversion_recovers_noise_below_minus_60_db(parameterization
 @pytest.mark.parametrize("parameterization", ["eps", "flow"])
 def test_exact_euler_beats_naive_by_20_db_at_cfg_5(parameterization):
     denoise, sigmas, noise = make_case(parameterization, cfg=5.0, steps=10)
-    image = be.sample_euler(denoise, noise, sigmas)
-    naive, _ = be.naive_inversion(denoise, image, sigmas.flip(0))
-    exact, _ = be.exact_inversion_euler(denoise, image, sigmas.flip(0), tol=TOL)
+    image = sample_euler(denoise, noise, sigmas)
+    naive = be.naive_inversion(denoise, image, sigmas.flip(0))
+    exact = be.exact_inversion_euler(denoise, image, sigmas.flip(0), tolerance=TOL)
     # naive is off by ~-10 dB here (visibly wrong); exact is limited only by the tolerance
     assert nmse_db(naive, noise).max() > -15
     assert nmse_db(exact, noise).max() < nmse_db(naive, noise).min() - 20
@@ -65,9 +73,9 @@ def test_exact_euler_beats_naive_by_20_db_at_cfg_5(parameterization):
 @pytest.mark.parametrize("parameterization", ["eps", "flow"])
 def test_dpmpp_2m_paper_pass_beats_naive_by_10_db(parameterization):
     denoise, sigmas, noise = make_case(parameterization, cfg=1.0, steps=10)
-    image = be.sample_dpmpp_2m(denoise, noise, sigmas)
-    naive, _ = be.naive_inversion(denoise, image, sigmas.flip(0))
-    paper, _ = be.exact_inversion_dpmpp_2m(denoise, image, sigmas.flip(0), tol=TOL, refine_passes=0)
+    image = sample_dpmpp_2m(denoise, noise, sigmas)
+    naive = be.naive_inversion(denoise, image, sigmas.flip(0))
+    paper = be.exact_inversion_dpmpp_2m(denoise, image, sigmas.flip(0), tolerance=TOL, refine_passes=0)
     # the held-fixed old_denoised from a fine naive path is approximate: a clear gain, not exact
     assert nmse_db(paper, noise).max() < nmse_db(naive, noise).min() - 10
 
@@ -75,20 +83,21 @@ def test_dpmpp_2m_paper_pass_beats_naive_by_10_db(parameterization):
 @pytest.mark.parametrize("parameterization", ["eps", "flow"])
 def test_dpmpp_2m_refined_inversion_round_trips_below_minus_60_db(parameterization):
     denoise, sigmas, noise = make_case(parameterization, cfg=1.0, steps=10)
-    image = be.sample_dpmpp_2m(denoise, noise, sigmas)
-    naive, _ = be.naive_inversion(denoise, image, sigmas.flip(0))
-    exact, _ = be.exact_inversion_dpmpp_2m(denoise, image, sigmas.flip(0), tol=TOL)
+    image = sample_dpmpp_2m(denoise, noise, sigmas)
+    naive = be.naive_inversion(denoise, image, sigmas.flip(0))
+    exact = be.exact_inversion_dpmpp_2m(denoise, image, sigmas.flip(0), tolerance=TOL)
     # refine passes converge to the exact multistep inverse: same budget as the Euler test
     assert nmse_db(exact, noise).max() < -60
     assert nmse_db(exact, noise).max() < nmse_db(naive, noise).min() - 20
-    regenerated = be.sample_dpmpp_2m(denoise, exact, sigmas)
+    regenerated = sample_dpmpp_2m(denoise, exact, sigmas)
     assert nmse_db(regenerated, image).max() < -60
 
 
 def test_anderson_needs_at_most_a_third_of_the_fixed_point_model_calls():
     denoise, sigmas, noise = make_case("eps", cfg=3.0, steps=10)
-    image = be.sample_euler(denoise, noise, sigmas)
-    runs = {solver: be.exact_inversion_euler(denoise, image, sigmas.flip(0), solver=solver, tol=TOL)
+    image = sample_euler(denoise, noise, sigmas)
+    runs = {solver: run(be.exact_inversion_euler, denoise, image, sigmas.flip(0), solver=solver, tolerance=TOL,
+                        max_iterations=500)   # the paper's cap: its fixed point needs it
             for solver in ("fixed_point", "anderson")}
     for _, info in runs.values():   # both reach the same per-step tolerance
         assert not any(any(capped) for capped in info.hit_cap)
@@ -96,30 +105,29 @@ def test_anderson_needs_at_most_a_third_of_the_fixed_point_model_calls():
     assert 3 * runs["anderson"][1].model_calls <= runs["fixed_point"][1].model_calls
 
 
-@pytest.mark.parametrize("active_only", [False, True])
 @pytest.mark.parametrize("method", ["euler", "dpmpp_2m"])
-def test_batch_of_two_equals_two_single_runs(method, active_only):
+def test_batch_of_two_equals_two_single_runs(method):
     # cfg 1 keeps every per-step equation well posed, so no sample ends at the iteration cap
     denoise, sigmas, noise = make_case("eps", cfg=1.0, steps=6, batch=2)
-    sample = be.sample_euler if method == "euler" else be.sample_dpmpp_2m
+    sample = sample_euler if method == "euler" else sample_dpmpp_2m
     invert = be.exact_inversion_euler if method == "euler" else be.exact_inversion_dpmpp_2m
     image = sample(denoise, noise, sigmas)
-    batched, info = invert(denoise, image, sigmas.flip(0), tol=TOL, active_only=active_only)
-    singles = [invert(denoise, image[b:b + 1], sigmas.flip(0), tol=TOL)[0] for b in range(2)]
+    batched, info = run(invert, denoise, image, sigmas.flip(0), tolerance=TOL)
+    singles = [invert(denoise, image[b:b + 1], sigmas.flip(0), tolerance=TOL) for b in range(2)]
     # per-sample stopping makes each row's arithmetic identical; 1e-9 allows BLAS reordering
     torch.testing.assert_close(batched, torch.cat(singles), rtol=0, atol=1e-9)
     assert not any(any(capped) for capped in info.hit_cap)
-    assert len(info.sample_evaluations) == 2
+    assert all(len(step) == 2 for step in info.residuals)
 
 
 @pytest.mark.parametrize("method", ["naive", "euler", "dpmpp_2m"])
 def test_flow_schedule_ending_at_sigma_one_is_finite(method):
     denoise, sigmas, noise = make_case("flow", cfg=5.0, steps=4, batch=2)
     assert sigmas[0] == 1.0
-    image = be.sample_euler(denoise, noise, sigmas)
+    image = sample_euler(denoise, noise, sigmas)
     invert = {"naive": be.naive_inversion, "euler": be.exact_inversion_euler,
               "dpmpp_2m": be.exact_inversion_dpmpp_2m}[method]
-    recovered, info = invert(denoise, image.float(), sigmas.flip(0).float())
+    recovered, info = run(invert, denoise, image.float(), sigmas.flip(0).float())
     assert torch.isfinite(recovered).all()
     assert all(torch.isfinite(torch.tensor(r)).all() for r in info.residuals)
 
@@ -149,16 +157,16 @@ def test_reference_samplers_match_comfyui_bit_for_bit(comfy_sampling, sampler):
     denoise, sigmas, noise = make_case("eps", cfg=3.0, steps=6)
     sigmas, noise = sigmas.float(), noise.float()
     model = lambda x, sigma, **kwargs: denoise(x, sigma)
-    ours = {"euler": be.sample_euler, "dpmpp_2m": be.sample_dpmpp_2m}[sampler]
+    ours = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}[sampler]
     theirs = getattr(comfy_sampling, f"sample_{sampler}")
     assert torch.equal(ours(denoise, noise, sigmas), theirs(model, noise, sigmas, disable=True))
 
 
 def test_naive_inversion_matches_flipsigmas_plus_comfyui_euler(comfy_sampling):
     denoise, sigmas, noise = make_case("eps", cfg=3.0, steps=6)
-    image = be.sample_euler(denoise, noise.float(), sigmas.float())
+    image = sample_euler(denoise, noise.float(), sigmas.float())
     flipped = sigmas.float().flip(0).clone()
     flipped[0] = 1e-4   # what FlipSigmas does to a leading 0
     model = lambda x, sigma, **kwargs: denoise(x, sigma)
-    ours, _ = be.naive_inversion(denoise, image, sigmas.float().flip(0))
+    ours = be.naive_inversion(denoise, image, sigmas.float().flip(0))
     assert torch.equal(ours, comfy_sampling.sample_euler(model, image, flipped, disable=True))

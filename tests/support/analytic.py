@@ -10,7 +10,8 @@ import torch
 
 
 class LinearVAE:
-    def __init__(self, latent_shape=(4, 8, 8), scale=8, channels=3, seed=0, dtype=torch.float32):
+    def __init__(self, latent_shape=(4, 8, 8), scale=8, channels=3, seed=0, dtype=torch.float32,
+                 compute_dtype=torch.float64):
         g = torch.Generator().manual_seed(seed)
         self.latent_shape = tuple(latent_shape)
         c, h, w = latent_shape
@@ -20,35 +21,41 @@ class LinearVAE:
         self.b = 0.5 + 0.1 * torch.randn(n_x, generator=g, dtype=torch.float64)
         self.A_pinv = torch.linalg.pinv(self.A)
         self.dtype = dtype
+        self.compute_dtype = compute_dtype   # float32 where the device has no float64 (Apple GPUs)
+
+    def _on(self, t, like):
+        return t.to(device=like.device, dtype=self.compute_dtype)
 
     def decode(self, z):
-        x = z.flatten(1).to(torch.float64) @ self.A.T + self.b
+        x = z.flatten(1).to(self.compute_dtype) @ self._on(self.A, z).T + self._on(self.b, z)
         return x.view(z.shape[0], *self.image_shape).to(z.dtype)
 
     def encode(self, x):
-        z = (x.flatten(1).to(torch.float64) - self.b) @ self.A_pinv.T
+        z = (x.flatten(1).to(self.compute_dtype) - self._on(self.b, x)) @ self._on(self.A_pinv, x).T
         return z.view(x.shape[0], *self.latent_shape).to(x.dtype)
 
 
 class GaussianMixtureDenoiser:
     """MMSE denoiser of an isotropic Gaussian mixture; `parameterization` is 'eps' or 'flow'."""
 
-    def __init__(self, means, stds, weights, parameterization="eps"):
+    def __init__(self, means, stds, weights, parameterization="eps", compute_dtype=torch.float64):
         self.means = torch.as_tensor(means, dtype=torch.float64)        # (K, *shape)
         self.stds = torch.as_tensor(stds, dtype=torch.float64)          # (K,)
         self.log_w = torch.log(torch.as_tensor(weights, dtype=torch.float64))
         if parameterization not in ("eps", "flow"):
             raise ValueError(f"parameterization must be 'eps' or 'flow', got {parameterization!r}")
         self.parameterization = parameterization
+        self.compute_dtype = compute_dtype   # float32 where the device has no float64 (Apple GPUs)
         self.calls = 0
 
     @classmethod
-    def random(cls, shape=(4, 8, 8), components=3, seed=0, parameterization="eps", weights=None):
+    def random(cls, shape=(4, 8, 8), components=3, seed=0, parameterization="eps", weights=None,
+               compute_dtype=torch.float64):
         g = torch.Generator().manual_seed(seed)
         means = torch.randn(components, *shape, generator=g, dtype=torch.float64)
         stds = 0.2 + 0.3 * torch.rand(components, generator=g, dtype=torch.float64)
         weights = weights if weights is not None else [1.0 / components] * components
-        return cls(means, stds, weights, parameterization)
+        return cls(means, stds, weights, parameterization, compute_dtype)
 
     def signal_scale(self, sigma):
         return 1 - sigma if self.parameterization == "flow" else torch.ones_like(sigma)
@@ -61,17 +68,17 @@ class GaussianMixtureDenoiser:
     def __call__(self, x, sigma):
         """D(x, sigma) = E[x0 | x_sigma = x]; sigma is a scalar or a (B,) tensor."""
         self.calls += 1
-        dtype = x.dtype
-        x64 = x.to(torch.float64).flatten(1)                               # (B, d)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)  # (B or 1, 1)
+        dtype, ct, dev = x.dtype, self.compute_dtype, x.device
+        x64 = x.to(ct).flatten(1)                                            # (B, d)
+        sigma = torch.as_tensor(sigma, dtype=ct, device=dev).reshape(-1, 1)  # (B or 1, 1)
         a = self.signal_scale(sigma)                                       # x = a*x0 + sigma*n
-        mu = self.means.flatten(1)                                         # (K, d)
-        var = a ** 2 * self.stds ** 2 + sigma ** 2                          # (B, K)
+        mu, stds, log_w = (t.to(device=dev, dtype=ct) for t in (self.means.flatten(1), self.stds, self.log_w))
+        var = a ** 2 * stds ** 2 + sigma ** 2                               # (B, K)
         d = mu.shape[1]
         sq = (x64[:, None, :] - a[:, :, None] * mu[None]).pow(2).sum(-1)    # (B, K)
-        log_r = self.log_w - 0.5 * sq / var - 0.5 * d * torch.log(var)
+        log_r = log_w - 0.5 * sq / var - 0.5 * d * torch.log(var)
         r = torch.softmax(log_r, dim=1)                                    # (B, K)
-        gain = a * self.stds ** 2 / var                                    # (B, K)
+        gain = a * stds ** 2 / var                                    # (B, K)
         post = mu[None] + gain[:, :, None] * (x64[:, None, :] - a[:, :, None] * mu[None])
         return (r[:, :, None] * post).sum(1).view(x.shape).to(dtype)
 

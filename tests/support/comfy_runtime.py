@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "comfyui-exact-inversion"
 TEST_PACK_DIR_NAME = "exact-inversion-test-nodes"
 TRAINED_VAE = REPO / "models" / "tiny_taesd_trained.safetensors"
@@ -45,11 +45,11 @@ def _cache_root() -> Path:
 
 def tiny_models_dir() -> Path:
     """Build the tiny models once per machine (keyed on the builder's source), return the folder."""
-    sources = [REPO / "tools" / "tiny_models.py"] + ([TRAINED_VAE] if TRAINED_VAE.exists() else [])
+    sources = [REPO / "tests" / "support" / "tiny_models.py"] + ([TRAINED_VAE] if TRAINED_VAE.exists() else [])
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     out = _cache_root() / f"models-{key}"
     if not (out / ".ready").exists():
-        cmd = [comfy_python(), str(REPO / "tools" / "tiny_models.py"), "--out", str(out)]
+        cmd = [comfy_python(), str(REPO / "tests" / "support" / "tiny_models.py"), "--out", str(out)]
         if TRAINED_VAE.exists():
             cmd += ["--trained-vae", str(TRAINED_VAE)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
