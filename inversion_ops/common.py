@@ -52,7 +52,9 @@ def check_sigmas(sigmas, ascending=True, unit_interval=False):
 
     ascending: an inversion walks up from the least noisy sigma; descending: noise -> image.
     """
-    sigmas = torch.as_tensor(sigmas).flatten()
+    if not torch.is_tensor(sigmas):
+        sigmas = torch.tensor(sigmas, dtype=torch.float64)   # a list keeps its full precision
+    sigmas = sigmas.flatten()
     values = sigmas.detach().cpu().double()
     steps = values[1:] - values[:-1]
     ordered = bool((steps > 0).all()) if ascending else bool((steps < 0).all())
@@ -99,20 +101,21 @@ class StepLog:
     """A callback that keeps what the inversion functions report, as plain lists, for a node's
     convergence view, tests and benchmarks. Chain it before ComfyUI's own callback with `tee`.
 
-    One record per callback (per step, or per evaluation for decoder inversion) with the per-sample
-    `residual`, `iterations` and `hit_cap` where reported, and the refine `pass` (dpmpp_2m).
+    One record per callback (per step, or per evaluation for decoder inversion) holding every
+    reported field but the tensors themselves (`residual`, `iterations`, `hit_cap`, ... per sample;
+    `pass` for dpmpp_2m's refine passes), and the last running model-call counts.
     """
 
-    FIELDS = ("residual", "iterations", "hit_cap")
+    SKIP = ("x", "denoised", "sigma", "sigma_hat")
 
     def __init__(self):
         self.records, self.model_calls, self.model_calls_backward = [], 0, 0
 
     def __call__(self, d):
-        record = {"pass": d.get("pass", 0)}
-        for key in self.FIELDS:
-            if d.get(key) is not None:
-                record[key] = torch.as_tensor(d[key]).detach().cpu().tolist()
+        record = {"pass": 0}
+        for key, value in d.items():
+            if key not in self.SKIP and value is not None:
+                record[key] = value.detach().cpu().tolist() if torch.is_tensor(value) else value
         self.records.append(record)
         self.model_calls = d.get("model_calls", self.model_calls)
         self.model_calls_backward = d.get("model_calls_backward", self.model_calls_backward)
@@ -135,6 +138,12 @@ class StepLog:
     @property
     def iterations(self):
         return self.series("iterations")
+
+    def observe(self, function):
+        """`function` (an inversion function) with every callback dict also recorded here."""
+        def observed(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+            return function(model, x, sigmas, extra_args, self.tee(callback), disable, **options)
+        return observed
 
     def tee(self, callback=None):
         """A callback that records here, then calls `callback` (e.g. ComfyUI's preview / progress)."""

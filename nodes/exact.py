@@ -5,78 +5,57 @@
 """
 from comfy_api.latest import io
 
-from ..inversion_ops import backward_euler
-from .sampling import (CATEGORY, FunctionSampler, InvertedNoise as InvertedNoiseObject, check_ascending_sigmas,
-                       check_invertible_sampler, check_latent_channels, invert_whole_latent, inversion_node_inputs)
+from ..inversion_ops import exact
+from ..inversion_ops.common import StepLog
+from ..inversion_ops.solvers import SOLVERS
+from .sampling import (CATEGORY, InversionKSampler, InvertedNoise as InvertedNoiseObject, check_invertible_sampler,
+                       check_latent_channels, invert_whole_latent, inversion_node_inputs, round_trip_recipe)
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui
 
-SOLVERS = ("anderson", "fixed_point")
-# dpmpp_2m: most refine passes after the paper's single pass; they stop once a pass moves the states by
-# less than the tolerance. On the tiny models each pass shrinks the change about 2x (slower at cfg >= 5
-# with few steps), so 4 passes leave -25..-40 dB regeneration errors that 20 passes remove.
-REFINE_PASSES = 20
-
-ROUND_TRIP_RECIPE = (
-    "Regenerate with the same model, conditioning, cfg, sampler, scheduler, steps and denoise, "
-    "starting from the inverted latent with no added noise. Universal (every model): "
-    "SamplerCustomAdvanced with noise = Inverted Noise(model, inverted latent), guider = CFGGuider, "
-    "sigmas = BasicScheduler, latent_image = the inverted latent. EPS / V models, or any model at "
-    "denoise < 1: also KSampler (Advanced) with add_noise disabled, or SamplerCustom with add_noise off, "
-    "latent = the inverted latent. Flow models at full denoise (sigma_max = 1) need the universal "
-    "recipe: with add_noise off, ComfyUI multiplies the start latent by 1 - sigma = 0.")
+EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler, "dpmpp_2m": exact.exact_inversion_dpmpp_2m}
+ROUND_TRIP_RECIPE = round_trip_recipe()
 
 
-def inversion_run(sampler, method, solver="anderson", iterations=100, tolerance=1e-4):
-    """`run(denoise, x, sigmas, callback) -> (x, info)` for FunctionSampler.
-
-    active_only stays False: a conditioning batch may differ per sample, so every model call
-    evaluates the whole batch (rows that have converged are simply not updated).
-    """
+def inversion_sampler(sampler, method="exact", solver=exact.SOLVER, max_iterations=exact.MAX_ITERATIONS,
+                      tolerance=exact.TOLERANCE, log=None):
+    """The SAMPLER that inverts `sampler` ('euler' or 'dpmpp_2m'); `log` (a StepLog) records its steps.
+    A new object per call: nothing of a run is kept on it."""
     if method == "naive":
-        invert = lambda d, x, s, cb: backward_euler.naive_inversion(d, x, s, callback=cb)
-    elif sampler == "euler":
-        invert = lambda d, x, s, cb: backward_euler.exact_inversion_euler(
-            d, x, s, solver=solver, tol=tolerance, max_iters=iterations, active_only=False, callback=cb)
+        function, options = exact.naive_inversion, {}
     else:
-        invert = lambda d, x, s, cb: backward_euler.exact_inversion_dpmpp_2m(
-            d, x, s, solver=solver, tol=tolerance, max_iters=iterations, refine_passes=REFINE_PASSES,
-            active_only=False, callback=cb)
-
-    def run(denoise, x, sigmas, callback):
-        check_ascending_sigmas(sigmas)
-        return invert(denoise, x, sigmas, callback)
-    return run
+        function = EXACT_INVERSIONS[sampler]
+        options = dict(solver=solver, max_iterations=max_iterations, tolerance=tolerance)
+    return InversionKSampler(log.observe(function) if log is not None else function, options)
 
 
-def residual_ui(info, steps, method, sampler):
+def residual_ui(log, method, sampler):
     """The per-step residual curve of the final pass, and the model calls, for the node's ui."""
     if method == "naive":
-        summary = f"naive inversion: {info.model_calls} model calls, no residual (explicit steps)"
+        summary = f"naive inversion: {log.model_calls} model calls, no residual (explicit steps)"
         return convergence_ui("Naive inversion", [], "step", "residual RMS", summary=summary,
-                              model_calls=info.model_calls)
-    final_pass = info.residuals[-steps:]
+                              model_calls=log.model_calls)
+    final_pass = log.series("residual", last_pass=True)
     worst = max(max(step) for step in final_pass)
-    capped = sum(any(step) for step in info.hit_cap[-steps:])
-    summary = f"{sampler}: {info.model_calls} model calls, worst step residual {worst:.2e}"
+    capped = sum(any(step) for step in log.series("hit_cap", last_pass=True))
+    summary = f"{sampler}: {log.model_calls} model calls, worst step residual {worst:.2e}"
     if capped:
         summary += f", {capped} step(s) hit the iteration cap"
-    extra = {"model_calls": info.model_calls}
-    if info.pass_changes:
-        extra["refine_pass_changes"] = info.pass_changes
-        summary += f", last refine-pass change {max(info.pass_changes[-1]):.2e}"
+    passes = log.records[-1]["pass"] + 1
+    if passes > 1:
+        summary += f", {passes} passes"
     return convergence_ui("Backward Euler residual per step", final_pass, "step", "residual RMS",
-                          summary=summary, **extra)
+                          summary=summary, model_calls=log.model_calls)
 
 
-def _iterations_input():
-    return io.Int.Input("iterations", default=100, min=1, max=10000,
+def _max_iterations_input():
+    return io.Int.Input("max_iterations", default=exact.MAX_ITERATIONS, min=1, max=10000,
                         tooltip="Most solver iterations (model calls) per step; 100 is plenty for Anderson, "
                                 "the paper's fixed point uses up to 500.")
 
 
 def _tolerance_input():
-    return io.Float.Input("tolerance", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=False,
+    return io.Float.Input("tolerance", default=exact.TOLERANCE, min=1e-7, max=1.0, step=1e-6, round=False,
                           tooltip="Stop a step when the RMS per latent element of Step(x) - x_known is "
                                   "below this (in the sampler's latent units). 1e-4 suits float32; use "
                                   "~1e-2 in float16.")
@@ -97,18 +76,18 @@ class ExactInversionSampler(io.ComfyNode):
             inputs=[
                 io.Combo.Input("sampler", options=["euler", "dpmpp_2m"], default="euler",
                                tooltip="The sampler you will regenerate with (ddim is euler in ComfyUI)."),
-                io.Combo.Input("solver", options=list(SOLVERS), default="anderson",
+                io.Combo.Input("solver", options=list(SOLVERS), default=exact.SOLVER,
                                tooltip="anderson: accelerated fixed point, fewest model calls. fixed_point: the "
                                        "paper's forward steps (rho 0.5, warm-up, halving on plateau)."),
-                _iterations_input(),
+                _max_iterations_input(),
                 _tolerance_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, sampler, solver, iterations, tolerance) -> io.NodeOutput:
-        return io.NodeOutput(FunctionSampler(inversion_run(sampler, "exact", solver, iterations, tolerance)))
+    def execute(cls, sampler, solver, max_iterations, tolerance) -> io.NodeOutput:
+        return io.NodeOutput(inversion_sampler(sampler, "exact", solver, max_iterations, tolerance))
 
 
 class NaiveInversionSampler(io.ComfyNode):
@@ -128,7 +107,7 @@ class NaiveInversionSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(FunctionSampler(inversion_run("euler", "naive")))
+        return io.NodeOutput(inversion_sampler("euler", "naive"))
 
 
 class InvertLatent(io.ComfyNode):
@@ -152,7 +131,7 @@ class InvertLatent(io.ComfyNode):
                 io.Combo.Input("method", options=["exact", "naive"], default="exact",
                                tooltip="exact: backward Euler, reproduces the latent. naive: the usual "
                                        "inversion, one model call per step, inexact."),
-                _iterations_input(),
+                _max_iterations_input(),
                 _tolerance_input(),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="Invert only this fraction of the schedule; regenerate with the same "
@@ -164,13 +143,13 @@ class InvertLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, sampler_name, scheduler, steps, cfg, method,
-                iterations, tolerance, denoise) -> io.NodeOutput:
-        sampler = check_invertible_sampler(sampler_name)
+                max_iterations, tolerance, denoise) -> io.NodeOutput:
+        sampler, log = check_invertible_sampler(sampler_name), StepLog()
         check_latent_channels(model, latent["samples"])
         sigmas = inversion_sigmas(model, scheduler, steps, denoise)
-        inverter = FunctionSampler(inversion_run(sampler, method, "anderson", iterations, tolerance))
+        inverter = inversion_sampler(sampler, method, exact.SOLVER, max_iterations, tolerance, log)
         noise = invert_whole_latent(model, positive, negative, cfg, latent, inverter, sigmas)
-        return io.NodeOutput(noise, ui=residual_ui(inverter.last_info, steps, method, sampler))
+        return io.NodeOutput(noise, ui=residual_ui(log, method, sampler))
 
 
 class InvertedNoise(io.ComfyNode):

@@ -15,22 +15,14 @@ import comfy.model_management
 import torch
 from comfy_api.latest import io
 
-from ..inversion_ops.preciseinv import preciseinv
-from .sampling import (CATEGORY, FunctionSampler, check_ascending_sigmas, check_invertible_sampler,
-                       check_latent_channels, invert_whole_latent, inversion_node_inputs)
+from ..inversion_ops import preciseinv as ops
+from ..inversion_ops.common import StepLog
+from .sampling import (CATEGORY, InversionKSampler, check_invertible_sampler, check_latent_channels,
+                       invert_whole_latent, inversion_node_inputs, round_trip_recipe)
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui
 
-ETA_PRESETS = {"precise (1e-5)": 1e-5, "fast (1e-2)": 1e-2}
-DEFAULT_LR = 0.2
-
-ROUND_TRIP_RECIPE = (
-    "Regenerate with the same model, conditioning, cfg, scheduler and steps and the euler (or ddim) "
-    "sampler, starting from the inverted latent with no added noise: EPS / V models: KSampler (Advanced) "
-    "with add_noise disabled, or SamplerCustom with add_noise off and BasicScheduler sigmas. Flow models "
-    "(sigma_max = 1): SamplerCustomAdvanced with noise = Inverted Noise(model, inverted latent), "
-    "guider = CFGGuider, sigmas = BasicScheduler, latent_image = the inverted latent (with add_noise off "
-    "ComfyUI multiplies a flow model's start latent by 1 - sigma = 0).")
+ROUND_TRIP_RECIPE = round_trip_recipe("the euler (or ddim) sampler")
 
 NOT_DIFFERENTIABLE = (
     "PreciseInv backpropagates through the model with respect to its input latent, and this model "
@@ -76,12 +68,12 @@ def autograd_weights(modules):
                 store[name] = tensor
 
 
-def require_input_gradient(denoise):
-    """`denoise` that refuses to go on when the model's output is cut off from autograd (a patch
-    running it under no_grad, a non-differentiable kernel): the step loss would still have a
-    gradient through the Euler step's own x term, so the optimiser would silently run on a wrong one."""
-    def checked(x, sigma):
-        denoised = denoise(x, sigma)
+def require_input_gradient(model):
+    """`model` that refuses to go on when its output is cut off from autograd (a patch running it under
+    no_grad, a non-differentiable kernel): the step loss would still have a gradient through the Euler
+    step's own x term, so the optimiser would silently run on a wrong one."""
+    def checked(x, sigma, **extra_args):
+        denoised = model(x, sigma, **extra_args)
         if x.requires_grad and not denoised.requires_grad:
             raise RuntimeError(NOT_DIFFERENTIABLE.format(
                 error="its output does not depend on its input through autograd."))
@@ -89,22 +81,18 @@ def require_input_gradient(denoise):
     return checked
 
 
-def preciseinv_run(eta, max_iterations, lr=DEFAULT_LR):
-    """`run(denoise, x, sigmas, callback) -> (x, info)` for FunctionSampler."""
-    def run(denoise, x, sigmas, callback):
-        check_ascending_sigmas(sigmas)
-        try:   # a conditioning batch may differ per row: every model call takes the whole batch
-            return preciseinv(require_input_gradient(denoise), x, sigmas, eta=eta, max_iters=max_iterations,
-                              lr=lr, callback=callback, active_only=False)
-        except RuntimeError as e:
-            if any(s in str(e) for s in _AUTOGRAD_FAILURES):
-                raise RuntimeError(NOT_DIFFERENTIABLE.format(error=str(e).split("\n")[0])) from e
-            raise
-    return run
+def differentiable_preciseinv(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+    """ops.preciseinv through ComfyUI's model, with autograd failures explained to the user."""
+    try:
+        return ops.preciseinv(require_input_gradient(model), x, sigmas, extra_args, callback, disable, **options)
+    except RuntimeError as e:
+        if any(s in str(e) for s in _AUTOGRAD_FAILURES):
+            raise RuntimeError(NOT_DIFFERENTIABLE.format(error=str(e).split("\n")[0])) from e
+        raise
 
 
-class PreciseInvFunctionSampler(FunctionSampler):
-    """FunctionSampler that fully loads the guider's models and lends autograd usable weights."""
+class PreciseInvKSampler(InversionKSampler):
+    """InversionKSampler that fully loads the guider's models and lends autograd usable weights."""
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
@@ -117,6 +105,12 @@ class PreciseInvFunctionSampler(FunctionSampler):
                                   denoise_mask, disable_pbar)
 
 
+def preciseinv_sampler(tolerance, max_iterations, lr=ops.LR, log=None):
+    """The SAMPLER; `log` (a StepLog) records its steps. A new object per call, holding no run state."""
+    function = log.observe(differentiable_preciseinv) if log is not None else differentiable_preciseinv
+    return PreciseInvKSampler(function, dict(tolerance=tolerance, max_iterations=max_iterations, lr=lr))
+
+
 def check_preciseinv_sampler(sampler_name):
     """PreciseInv inverts one euler / ddim step; refuse every other sampler, saying why."""
     if check_invertible_sampler(sampler_name) != "euler":
@@ -125,43 +119,43 @@ def check_preciseinv_sampler(sampler_name):
                          f"nodes invert dpmpp_2m).")
 
 
-def invert_latent(model, positive, negative, latent, sampler_name, scheduler, steps, cfg, eta,
-                  max_iterations, lr=DEFAULT_LR):
-    """The Invert Latent node's work: returns (noise LATENT, PreciseInvInfo)."""
+def invert_latent(model, positive, negative, latent, sampler_name, scheduler, steps, cfg, tolerance,
+                  max_iterations, lr=ops.LR):
+    """The Invert Latent node's work: returns (noise LATENT, StepLog)."""
     check_preciseinv_sampler(sampler_name)
     check_latent_channels(model, latent["samples"])
-    sigmas = inversion_sigmas(model, scheduler, steps)
-    sampler = PreciseInvFunctionSampler(preciseinv_run(eta, max_iterations, lr))
-    noise = invert_whole_latent(model, positive, negative, cfg, latent, sampler, sigmas)
-    return noise, sampler.last_info
+    sigmas, log = inversion_sigmas(model, scheduler, steps), StepLog()
+    sampler = preciseinv_sampler(tolerance, max_iterations, lr, log)
+    return invert_whole_latent(model, positive, negative, cfg, latent, sampler, sigmas), log
 
 
-def loss_ui(info, eta):
-    """The per-step loss curve, the steps that stopped at the iteration cap, and the model calls."""
-    samples = len(info.hit_cap[0]) if info.hit_cap else 0
-    capped = [[k for k, step in enumerate(info.hit_cap) if step[b]] for b in range(samples)]
-    worst = max((max(step) for step in info.residuals), default=0.0)
-    summary = (f"eta {eta:g}: worst step loss {worst:.2e}, {info.model_calls_forward} forward + "
-               f"{info.model_calls_backward} backward model calls")
-    n_capped = sum(any(step) for step in info.hit_cap)
+def residual_ui(log, tolerance):
+    """The per-step residual curve, the steps that stopped at the iteration cap, and the model calls."""
+    hit_cap, residuals = log.hit_cap, log.residuals
+    samples = len(hit_cap[0]) if hit_cap else 0
+    capped = [[k for k, step in enumerate(hit_cap) if step[b]] for b in range(samples)]
+    worst = max((max(step) for step in residuals), default=0.0)
+    summary = (f"tolerance {tolerance:.3g}: worst step residual {worst:.2e}, {log.model_calls} forward + "
+               f"{log.model_calls_backward} backward model calls")
+    n_capped = sum(any(step) for step in hit_cap)
     if n_capped:
-        summary += f"; {n_capped} of {len(info.hit_cap)} step(s) stopped at max_iterations above eta"
-    return convergence_ui("PreciseInv loss per step", info.residuals, "step (least noisy first)",
-                          "loss (MSE per element)", summary=summary, steps_at_iteration_cap=capped,
-                          iterations=info.iterations, model_calls_forward=info.model_calls_forward,
-                          model_calls_backward=info.model_calls_backward)
+        summary += f"; {n_capped} of {len(hit_cap)} step(s) stopped at max_iterations above the tolerance"
+    return convergence_ui("PreciseInv residual per step", residuals, "step (least noisy first)",
+                          "residual RMS per element", summary=summary, steps_at_iteration_cap=capped,
+                          iterations=[max(step) for step in log.iterations], model_calls_forward=log.model_calls,
+                          model_calls_backward=log.model_calls_backward)
 
 
-def _eta_input():
-    return io.Combo.Input("eta", options=list(ETA_PRESETS), default="precise (1e-5)",
-                          tooltip="Stop a step once its loss (mean squared error per latent element of the "
-                                  "regenerated step) is below this: the paper's precise 1e-5 or fast 1e-2.")
+def _tolerance_input():
+    return io.Combo.Input("tolerance", options=list(ops.TOLERANCES), default=next(iter(ops.TOLERANCES)),
+                          tooltip="Stop a step once the RMS per latent element of its regenerated step is below "
+                                  "the square root of the paper's loss threshold eta: precise 1e-5 or fast 1e-2.")
 
 
 def _max_iterations_input():
-    return io.Int.Input("max_iterations", default=200, min=1, max=10000,
+    return io.Int.Input("max_iterations", default=ops.MAX_ITERATIONS, min=1, max=10000,
                         tooltip="Most gradient steps per sampling step (each one forward and one backward "
-                                "model pass). Steps that stop here above eta are flagged in the node's ui.")
+                                "model pass). Steps that stop here above the tolerance are flagged in the ui.")
 
 
 class PreciseInvSampler(io.ComfyNode):
@@ -178,9 +172,9 @@ class PreciseInvSampler(io.ComfyNode):
                 "steps, including 2- and 4-step few-step models. Use it with Inversion Sigmas and add_noise "
                 "off. " + ROUND_TRIP_RECIPE),
             inputs=[
-                _eta_input(),
+                _tolerance_input(),
                 _max_iterations_input(),
-                io.Float.Input("lr", default=DEFAULT_LR, min=1e-4, max=10.0, step=0.01, round=False,
+                io.Float.Input("lr", default=ops.LR, min=1e-4, max=10.0, step=0.01, round=False,
                                tooltip="Size of the first gradient step in noise units (the latent moves by about "
                                        "lr * sigma per element); later steps are chosen by Barzilai-Borwein."),
             ],
@@ -188,8 +182,8 @@ class PreciseInvSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, eta, max_iterations, lr) -> io.NodeOutput:
-        return io.NodeOutput(PreciseInvFunctionSampler(preciseinv_run(ETA_PRESETS[eta], max_iterations, lr)))
+    def execute(cls, tolerance, max_iterations, lr) -> io.NodeOutput:
+        return io.NodeOutput(preciseinv_sampler(ops.TOLERANCES[tolerance], max_iterations, lr))
 
 
 class PreciseInvInvertLatent(io.ComfyNode):
@@ -202,7 +196,7 @@ class PreciseInvInvertLatent(io.ComfyNode):
             description=(
                 "Finds the noise latent from which ComfyUI's euler / ddim sampler, with these settings, "
                 "regenerates this latent, by PreciseInv (per-step noise learned by gradient descent through "
-                "the model; 1 to 50 steps). Its ui shows each step's final loss and flags the steps that "
+                "the model; 1 to 50 steps). Its ui shows each step's final residual and flags the steps that "
                 "stopped at max_iterations. " + ROUND_TRIP_RECIPE),
             inputs=[
                 *inversion_node_inputs("The sampler you will regenerate with: euler or ddim (the full list is "
@@ -210,7 +204,7 @@ class PreciseInvInvertLatent(io.ComfyNode):
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="The steps you will regenerate with."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The cfg you will regenerate with."),
-                _eta_input(),
+                _tolerance_input(),
                 _max_iterations_input(),
             ],
             outputs=[io.Latent.Output(display_name="noise",
@@ -218,11 +212,12 @@ class PreciseInvInvertLatent(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, sampler_name, scheduler, steps, cfg, eta,
+    def execute(cls, model, positive, negative, latent, sampler_name, scheduler, steps, cfg, tolerance,
                 max_iterations) -> io.NodeOutput:
-        noise, info = invert_latent(model, positive, negative, latent, sampler_name, scheduler, steps, cfg,
-                                    ETA_PRESETS[eta], max_iterations)
-        return io.NodeOutput(noise, ui=loss_ui(info, ETA_PRESETS[eta]))
+        tolerance = ops.TOLERANCES[tolerance]
+        noise, log = invert_latent(model, positive, negative, latent, sampler_name, scheduler, steps, cfg,
+                                   tolerance, max_iterations)
+        return io.NodeOutput(noise, ui=residual_ui(log, tolerance))
 
 
 NODES = [PreciseInvSampler, PreciseInvInvertLatent]

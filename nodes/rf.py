@@ -6,19 +6,19 @@ reference latent) and a one-node edit. The maths is in inversion_ops/rf_inversio
 model is turned into `denoise(x, sigma)` and checked to be a flow model by what its
 model_sampling does, never by its class or family.
 """
-import comfy.model_management
 import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..inversion_ops.rf_inversion import (TRENDS, controlled_forward, controlled_forward_sde,
-                                        controlled_reverse, controlled_reverse_sde)
-
-from .sampling import CATEGORY, FunctionSampler, check_latent_channels, run_sampler
+from ..inversion_ops import rf as ops
+from ..inversion_ops.common import StepLog
+from .sampling import CATEGORY, InversionKSampler, check_latent_channels, run_sampler
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui
 
 MODES = ("ode", "sde")
+FUNCTIONS = {("forward", "ode"): ops.controlled_forward, ("forward", "sde"): ops.controlled_forward_sde,
+             ("reverse", "ode"): ops.controlled_reverse, ("reverse", "sde"): ops.controlled_reverse_sde}
 
 
 def prediction_kind(model_sampling):
@@ -73,44 +73,26 @@ def reference_in_model_space(base_model, reference, like):
     return y0.expand_as(like)
 
 
-class ControlledFlowSampler(FunctionSampler):
-    """RF-Inversion's controlled flow sampler as a SAMPLER. forward: controlled_forward(_sde) over
-    ascending sigmas; reverse: controlled_reverse(_sde) toward `reference` (user-space latent)."""
+class ControlledFlowSampler(InversionKSampler):
+    """RF-Inversion's controlled flow as a SAMPLER: checks the model is a flow model and the schedule's
+    direction, and moves the reverse flow's reference latent into the sampler's space for each run
+    (on a new InversionKSampler: nothing of a run is kept on this object)."""
 
-    def __init__(self, direction, mode="ode", seed=0, gamma=0.5, reference=None, eta=0.9, start=0.0,
-                 stop=0.25, trend="constant"):
-        super().__init__(self._run)
-        self.direction, self.mode, self.seed = direction, mode, seed
-        self.gamma, self.reference = gamma, reference
-        self.eta, self.start, self.stop, self.trend = eta, start, stop, trend
-        self._y0 = None
+    def __init__(self, direction, mode="ode", log=None, **options):
+        function = FUNCTIONS[(direction, mode)]
+        super().__init__(log.observe(function) if log is not None else function, options)
+        self.direction = direction
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         check_flow_model(model_wrap.inner_model.model_sampling)
         forward = self.direction == "forward"
         _check_direction(sigmas, forward, "RF Forward Sampler" if forward else "RF Reverse Sampler")
+        options = dict(self.extra_options)
         if not forward:
-            self._y0 = reference_in_model_space(model_wrap.inner_model, self.reference, latent_image)
-        try:
-            return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
-                                  disable_pbar)
-        finally:
-            self._y0 = None
-
-    def _run(self, denoise, x, sigmas, callback):
-        def on_step(d):  # the forward SDE never calls the model, so check the interrupt here too
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if callback is not None:
-                callback(d)
-        if self.direction == "forward":
-            if self.mode == "sde":
-                return controlled_forward_sde(denoise, x, sigmas, gamma=self.gamma, seed=self.seed, callback=on_step)
-            return controlled_forward(denoise, x, sigmas, gamma=self.gamma, seed=self.seed, callback=on_step)
-        control = dict(eta=self.eta, start=self.start, stop=self.stop, trend=self.trend, callback=on_step)
-        if self.mode == "sde":
-            return controlled_reverse_sde(denoise, x, sigmas, self._y0, seed=self.seed, **control)
-        return controlled_reverse(denoise, x, sigmas, self._y0, **control)
+            options["reference"] = reference_in_model_space(model_wrap.inner_model, options["reference"], latent_image)
+        return InversionKSampler(self.sampler_function, options).sample(
+            model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
 def _check_window(start, stop):
@@ -143,7 +125,7 @@ class RFForwardSampler(io.ComfyNode):
                 "with Inversion Sigmas, add_noise off, and the source (or empty) prompt at cfg 1; regenerate "
                 "with RF Reverse Sampler. gamma 0 is plain ODE inversion."),
             inputs=[
-                io.Float.Input("gamma", default=0.5, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("gamma", default=ops.GAMMA, min=0.0, max=1.0, step=0.01,
                                tooltip="Controller strength: 0 = plain ODE inversion (exact round trip), 1 = land "
                                        "on Gaussian noise regardless of the image. Higher makes the noise more "
                                        "editable and less faithful."),
@@ -155,7 +137,7 @@ class RFForwardSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, gamma, seed, mode) -> io.NodeOutput:
-        return io.NodeOutput(ControlledFlowSampler("forward", mode=mode, seed=seed, gamma=gamma))
+        return io.NodeOutput(ControlledFlowSampler("forward", mode, seed=seed, gamma=gamma))
 
 
 class RFReverseSampler(io.ComfyNode):
@@ -172,15 +154,15 @@ class RFReverseSampler(io.ComfyNode):
                 "latent from RF Forward Sampler. eta 0 is ComfyUI's euler."),
             inputs=[
                 io.Latent.Input("reference", tooltip="The latent of the source image (the one you inverted)."),
-                io.Float.Input("eta", default=0.9, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("eta", default=ops.ETA, min=0.0, max=1.0, step=0.01,
                                tooltip="Pull toward the reference inside [start, stop): 0 = plain generation, "
                                        "1 = follow the reference entirely there."),
-                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("start", default=ops.START, min=0.0, max=1.0, step=0.01,
                                tooltip="First controlled step, as a fraction of the steps."),
-                io.Float.Input("stop", default=0.25, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("stop", default=ops.STOP, min=0.0, max=1.0, step=0.01,
                                tooltip="End of the controlled steps (exclusive), as a fraction of the steps. "
                                        "Later = closer to the source, less edit."),
-                io.Combo.Input("trend", options=list(TRENDS), default="constant",
+                io.Combo.Input("trend", options=list(ops.TRENDS), default="constant",
                                tooltip="How eta varies inside [start, stop)."),
                 _mode_input(),
                 _seed_input("the SDE's noise (unused in ode mode)"),
@@ -191,14 +173,8 @@ class RFReverseSampler(io.ComfyNode):
     @classmethod
     def execute(cls, reference, eta, start, stop, trend, mode, seed) -> io.NodeOutput:
         _check_window(start, stop)
-        return io.NodeOutput(ControlledFlowSampler("reverse", mode=mode, seed=seed, reference=reference["samples"],
-                                                   eta=eta, start=start, stop=stop, trend=trend))
-
-
-# Chosen by bench/rf.py (summary "edit_defaults_chosen", README "RF-Inversion"): on the analytic
-# mixture and the tiny SD3/Flux models, the setting whose edit lands about half way from the source
-# to a fresh target generation while every model moves at least 30% of that way. stop is the knob.
-EDIT_DEFAULTS = {"steps": 28, "gamma": 0.3, "eta": 1.0, "start": 0.0, "stop": 0.75}
+        return io.NodeOutput(ControlledFlowSampler("reverse", mode, seed=seed, reference=reference["samples"], eta=eta,
+                                                   start=start, stop=stop, trend=trend))
 
 
 def rf_inversion_edit(model, source, target, negative, latent, steps, scheduler, cfg, gamma, eta, start, stop,
@@ -214,21 +190,22 @@ def rf_inversion_edit(model, source, target, negative, latent, steps, scheduler,
                          f"takes its guidance from the conditioning).")
     clean = {"samples": latent["samples"]}     # a noise_mask would blend noise into the inversion
     up = inversion_sigmas(model, scheduler, steps)
-    forward = ControlledFlowSampler("forward", seed=seed, gamma=gamma)
+    forward_log, reverse_log = StepLog(), StepLog()
+    forward = ControlledFlowSampler("forward", log=forward_log, seed=seed, gamma=gamma)
     inverted = run_sampler(model, source, source, 1.0, clean, forward, up)
-    reverse = ControlledFlowSampler("reverse", seed=seed, reference=latent["samples"], eta=eta, start=start,
-                                    stop=stop)
+    reverse = ControlledFlowSampler("reverse", log=reverse_log, seed=seed, reference=latent["samples"], eta=eta,
+                                    start=start, stop=stop)
     edited = run_sampler(model, target, negative if negative is not None else target, cfg, inverted, reverse,
                          up.flip(0))
     out = latent.copy()
     out["samples"] = edited["samples"]
-    return out, forward.last_info, reverse.last_info
+    return out, forward_log, reverse_log
 
 
 class RFInversionEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        d = EDIT_DEFAULTS
+        d = ops.EDIT_DEFAULTS
         return io.Schema(
             node_id="RFInversionEdit",
             display_name="RF-Inversion Edit",

@@ -1,6 +1,6 @@
-"""Plumbing shared by every sampler-based node: ComfyUI's model wrapper -> `denoise(x, sigma)`,
-SAMPLER objects for SamplerCustom / SamplerCustomAdvanced, and the guider-driven run used by
-the one-node convenience versions. Everything is derived from the model's `model_sampling`.
+"""Plumbing shared by every sampler-based node: the SAMPLER that runs an inversion function, the
+guider-driven run of the one-node versions, the NOISE that starts at an inverted latent, and input
+checks. Everything is derived from the model's `model_sampling`; no model family is named.
 """
 import comfy.model_management
 import comfy.sample
@@ -15,24 +15,30 @@ CATEGORY = "inversion"
 # ComfyUI sampler names whose update is deterministic and has an inverse here. "ddim" runs
 # ComfyUI's sample_euler, so it inverts exactly like "euler".
 INVERTIBLE_SAMPLERS = ("euler", "ddim", "dpmpp_2m")
+STOCHASTIC_SAMPLERS = ("ddpm", "lcm", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
+
+
+def round_trip_recipe(sampler="the same sampler"):
+    """How to regenerate from an inverted latent: one text for every inversion node."""
+    return (
+        f"Regenerate with the same model, conditioning, cfg, scheduler, steps and denoise and {sampler}, "
+        "starting from the inverted latent with no added noise. Universal (every model): "
+        "SamplerCustomAdvanced with noise = Inverted Noise(model, inverted latent), guider = CFGGuider, "
+        "sigmas = BasicScheduler, latent_image = the inverted latent. EPS / V models, or any model at "
+        "denoise < 1: also KSampler (Advanced) with add_noise disabled, or SamplerCustom with add_noise off. "
+        "Flow models at full denoise (sigma_max = 1) need the universal recipe: with add_noise off, ComfyUI "
+        "multiplies the start latent by 1 - sigma = 0.")
 
 
 def check_invertible_sampler(sampler_name):
-    """Refuse sampler names with no deterministic inverse, saying why."""
+    """The inverse to use for a ComfyUI sampler name ('euler' or 'dpmpp_2m'); refuse the rest, saying why."""
     if sampler_name in INVERTIBLE_SAMPLERS:
         return "dpmpp_2m" if sampler_name == "dpmpp_2m" else "euler"
-    stochastic = ("ancestral" in sampler_name or "sde" in sampler_name
-                  or sampler_name in ("ddpm", "lcm", "er_sde", "seeds_2", "seeds_3", "sa_solver_pece"))
+    stochastic = "ancestral" in sampler_name or "sde" in sampler_name or sampler_name in STOCHASTIC_SAMPLERS
     why = ("it adds fresh random noise at every step, so no single starting latent reproduces an image"
            if stochastic else "this pack has no exact inverse for its update")
     raise ValueError(f"sampler_name {sampler_name!r} cannot be inverted: {why}. "
                      f"Use one of {', '.join(INVERTIBLE_SAMPLERS)} for both inversion and regeneration.")
-
-
-def check_ascending_sigmas(sigmas):
-    if len(sigmas) < 2 or float(sigmas[0]) >= float(sigmas[-1]):
-        raise ValueError("sigmas must ascend from the least noisy (an inversion walks up the schedule): "
-                         "connect Inversion Sigmas, or FlipSigmas after BasicScheduler.")
 
 
 def inversion_node_inputs(sampler_tooltip):
@@ -59,80 +65,71 @@ def check_latent_channels(model, samples, input_name="latent"):
         raise ValueError(f"{input_name} contains NaN or infinite values.")
 
 
-def _latent_weight(model_sampling, sigma, max_denoise=False):
-    """How much of the input latent ComfyUI's noise_scaling keeps at `sigma` (0 for flow at 1)."""
-    one = torch.ones(1)
-    return float(model_sampling.noise_scaling(torch.as_tensor(sigma).float(), torch.zeros(1), one, max_denoise))
+def latent_weight(model_sampling, sigma):
+    """How much of the input latent ComfyUI's noise_scaling keeps at `sigma` (0 for flow at 1).
+    Probed on sigma's own device, so it works wherever ComfyUI put the schedule."""
+    sigma = torch.as_tensor(sigma).reshape(1).float()
+    return float(model_sampling.noise_scaling(sigma, sigma.new_zeros(1), sigma.new_ones(1)))
 
 
-def start_state(model_sampling, sigma, noise, latent_image, max_denoise):
-    """ComfyUI's noise_scaling, except where it would discard the latent the user gave us.
+class _EndSafeModelSampling:
+    """A view of model_sampling that keeps the latent where ComfyUI's scaling would lose it:
+    a flow model's sigma = 1 keeps (1 - sigma) * latent = 0 of a start latent given with zero noise
+    (add_noise off: the latent IS the inverted noise), and divides by 1 - sigma = 0 at the end."""
 
-    A flow model at sigma = 1 keeps (1 - sigma) * latent = 0 of it; with add_noise off (all-zero
-    noise) the only meaningful start is the latent itself, e.g. noise inverted by this pack.
-    """
-    if _latent_weight(model_sampling, sigma, max_denoise) == 0.0 and not bool(noise.any()):
-        return latent_image.clone()
-    return model_sampling.noise_scaling(sigma, noise, latent_image, max_denoise)
+    def __init__(self, model_sampling):
+        self._inner = model_sampling
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        if latent_weight(self._inner, sigma) == 0.0 and not bool(noise.any()):
+            return latent_image.clone()
+        return self._inner.noise_scaling(sigma, noise, latent_image, max_denoise)
+
+    def inverse_noise_scaling(self, sigma, latent):
+        if latent_weight(self._inner, sigma) == 0.0:
+            return latent
+        return self._inner.inverse_noise_scaling(sigma, latent)
 
 
-def end_state(model_sampling, sigma, x):
-    """ComfyUI's inverse_noise_scaling, except at a flow model's sigma = 1, where it divides by
-    1 - sigma = 0: return the raw state (pure noise) there instead of NaN."""
-    if _latent_weight(model_sampling, sigma) == 0.0:
-        return x
-    return model_sampling.inverse_noise_scaling(sigma, x)
+class _InnerModelView:
+    def __init__(self, inner_model):
+        self._inner, self.model_sampling = inner_model, _EndSafeModelSampling(inner_model.model_sampling)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
-def make_denoiser(model_k, extra_args):
-    """`denoise(x, sigma) -> x0` over ComfyUI's wrapped model (CFG, conds and patches applied).
+class _InterruptibleModel:
+    """The guider as KSAMPLER sees it, checking ComfyUI's interrupt before every model call, so the
+    solvers' inner iterations stop too; its inner model's scaling is end-safe."""
 
-    Every model call is a point where ComfyUI's interrupt is honoured, so inner solver loops stop too.
-    """
-    def denoise(x, sigma):
+    def __init__(self, guider):
+        self._inner, self.inner_model = guider, _InnerModelView(guider.inner_model)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __call__(self, *args, **kwargs):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(x.shape[0])
-        return model_k(x, sigma, **extra_args)
-    return denoise
+        return self._inner(*args, **kwargs)
 
 
-def step_callback(callback, total_steps):
-    """Adapt an inversion function's k-diffusion style callback dict to ComfyUI's preview/progress."""
-    if callback is None:
-        return None
+class InversionKSampler(comfy.samplers.KSAMPLER):
+    """ComfyUI's KSAMPLER for an inversion function, `InversionKSampler(fn, options)`: previews,
+    progress, masks and wrappers as usual; it differs only in the flow sigma = 1 ends, and in checking
+    the interrupt at every model call and every step (some steps call no model)."""
 
-    def on_step(d):
-        denoised = d.get("denoised")
-        callback(d["i"], denoised if denoised is not None else d["x"], d["x"], total_steps)
-    return on_step
-
-
-class FunctionSampler(comfy.samplers.KSAMPLER):
-    """A SAMPLER that runs `run(denoise, x, sigmas, callback) -> (x, info)` from inversion_ops.
-
-    Like KSAMPLER (inpainting masks, previews, progress), plus the flow-model sigma = 1 handling of
-    `start_state` / `end_state`. The last run's info record is kept in `last_info` for the node's ui.
-    """
-
-    def __init__(self, run):
-        super().__init__(sampler_function=None)
-        self.run = run
-        self.last_info = None
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
-               denoise_mask=None, disable_pbar=False):
-        extra_args["denoise_mask"] = denoise_mask
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image = latent_image
-        model_k.noise = noise
-        model_sampling = model_wrap.inner_model.model_sampling
-        x = start_state(model_sampling, sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        with torch.no_grad():   # like k-diffusion's samplers; gradient methods re-enable it inside
-            x, self.last_info = self.run(make_denoiser(model_k, extra_args), x, sigmas,
-                                         step_callback(callback, len(sigmas) - 1))
-        return end_state(model_sampling, sigmas[-1], x)
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        def on_step(*args):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if callback is not None:
+                callback(*args)
+        return super().sample(_InterruptibleModel(model_wrap), sigmas, extra_args, on_step, noise, latent_image,
+                              denoise_mask, disable_pbar)
 
 
 def run_sampler(model, positive, negative, cfg, latent, sampler, sigmas, noise=None, seed=0):
@@ -179,6 +176,6 @@ class InvertedNoise:
         if self.samples.shape != latent.shape:
             raise ValueError(f"the inverted noise has shape {tuple(self.samples.shape)} but latent_image has "
                              f"{tuple(latent.shape)}: pass the same latent to both")
-        if _latent_weight(self.model_sampling, self.model_sampling.sigma_max, True) == 0.0:
-            return self.samples.clone().to(latent.dtype)
+        if latent_weight(self.model_sampling, self.model_sampling.sigma_max) == 0.0:
+            return self.samples.clone().to(device=latent.device, dtype=latent.dtype)
         return torch.zeros_like(latent)

@@ -54,10 +54,10 @@ class Setup:
                             scheduler=scheduler, positive=self.positive, negative=self.negative,
                             latent_image=start, denoise=1.0).out
 
-    def invert(self, latent=None, method="exact", denoise=1.0, tolerance=1e-4, iterations=100, steps=None):
+    def invert(self, latent=None, method="exact", denoise=1.0, tolerance=1e-4, max_iterations=100, steps=None):
         return self.g.node("InvertLatent", model=self.model, positive=self.positive, negative=self.negative,
                            latent=latent or self.image, sampler_name=self.sampler, scheduler=self.scheduler,
-                           steps=steps or self.steps, cfg=self.cfg, method=method, iterations=iterations,
+                           steps=steps or self.steps, cfg=self.cfg, method=method, max_iterations=max_iterations,
                            tolerance=tolerance, denoise=denoise)
 
     def ksampler_advanced(self, latent):
@@ -170,7 +170,7 @@ def test_exact_inversion_sampler_round_trips_flow_in_sampler_custom(comfy, solve
     g = Graph()
     s = Setup(g, flow_model(g), SD3, sampler="euler", scheduler="simple", steps=4, cfg=1.5)
     # 1e-3 keeps the paper's slow fixed point short; the round trip still lands far below -40 dB
-    inverter = g.node("ExactInversionSampler", sampler="euler", solver=solver, iterations=500, tolerance=1e-3).out
+    inverter = g.node("ExactInversionSampler", sampler="euler", solver=solver, max_iterations=500, tolerance=1e-3).out
     sigmas = g.node("InversionSigmas", model=s.model, scheduler="simple", steps=4, denoise=1.0).out
     noise = g.node("SamplerCustom", model=s.model, add_noise=False, noise_seed=0, cfg=s.cfg, positive=s.positive,
                    negative=s.negative, sampler=inverter, sigmas=sigmas, latent_image=s.image)[0]
@@ -261,7 +261,7 @@ def _invert_directly(comfy, model, latent, **overrides):
     node = comfy.pack_module("nodes.exact").InvertLatent
     inputs = dict(model=model, positive=_conditioning(768, 1), negative=_conditioning(768, 2), latent=latent,
                   sampler_name="euler", scheduler="normal", steps=2, cfg=1.0, method="exact",
-                  iterations=100, tolerance=1e-4, denoise=1.0)
+                  max_iterations=100, tolerance=1e-4, denoise=1.0)
     inputs.update(overrides)
     return node.execute(**inputs)
 
@@ -291,7 +291,7 @@ def test_interrupt_stops_invert_latent_on_server(comfy_server):
                   negative=random_conditioning(g, SD3, seed=2),
                   latent=g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1).out,
                   sampler_name="euler", scheduler="simple", steps=500, cfg=3.0, method="exact",
-                  iterations=10000, tolerance=1e-7, denoise=1.0)
+                  max_iterations=10000, tolerance=1e-7, denoise=1.0)
     g.node("EITestCapture", label="never_written", latent=node.out)
     prompt_id = comfy_server.queue(g.prompt)
     deadline = time.time() + 60
@@ -315,7 +315,7 @@ def test_invert_latent_leaves_model_and_latent_unchanged(comfy):
     samples = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     latent = {"samples": samples, "noise_mask": torch.ones(1, 1, 8, 8)}
     samples_before = samples.clone()
-    _invert_directly(comfy, model, latent, iterations=3)   # a few solver iterations use the model enough
+    _invert_directly(comfy, model, latent, max_iterations=3)   # a few solver iterations use the model enough
     assert sum(float(t.double().sum()) for t in model.model.state_dict().values()) == weights_before
     assert repr(model.model_options) == options_before
     assert {k: len(v) for k, v in model.patches.items()} == patches_before
@@ -331,7 +331,7 @@ def _invert_latent_error(comfy, build_latent=None, model=eps_model, family=SD15,
     latent = build_latent(g) if build_latent else g.node("EmptyLatentImage", width=64, height=64, batch_size=1).out
     inputs = dict(model=m, positive=random_conditioning(g, family, seed=1), negative=random_conditioning(g, family, seed=2),
                   latent=latent, sampler_name="euler", scheduler="normal", steps=4, cfg=3.0, method="exact",
-                  iterations=10, tolerance=1e-4, denoise=1.0)
+                  max_iterations=10, tolerance=1e-4, denoise=1.0)
     inputs.update(overrides)
     g.node("EITestCapture", label="error_case", latent=g.node("InvertLatent", **inputs).out)
     result = comfy.run(g.prompt)
@@ -368,7 +368,7 @@ def test_steps_below_one_are_refused(comfy):
 def test_inversion_sampler_refuses_descending_sigmas(comfy):
     g = Graph()
     s = Setup(g, flow_model(g), SD3, sampler="euler", scheduler="simple", steps=2, cfg=1.0)
-    inverter = g.node("ExactInversionSampler", sampler="euler", solver="anderson", iterations=10, tolerance=1e-4).out
+    inverter = g.node("ExactInversionSampler", sampler="euler", solver="anderson", max_iterations=10, tolerance=1e-4).out
     out = g.node("SamplerCustom", model=s.model, add_noise=False, noise_seed=0, cfg=1.0, positive=s.positive,
                  negative=s.negative, sampler=inverter, sigmas=s.basic_sigmas(), latent_image=s.image)[0]
     s.capture("descending", out)

@@ -54,7 +54,7 @@ def sd3_model_link(g, prediction):
     return model
 
 
-def generate_and_invert(g, model, steps, cfg, eta="precise (1e-5)", max_iterations=MAX_ITERATIONS):
+def generate_and_invert(g, model, steps, cfg, tolerance="precise (1e-5)", max_iterations=MAX_ITERATIONS):
     """A latent from KSampler, then PreciseInv Invert Latent with the same settings; (x0, inversion node)."""
     positive = random_conditioning(g, SD3, seed=1)
     negative = random_conditioning(g, SD3, seed=2)
@@ -62,7 +62,7 @@ def generate_and_invert(g, model, steps, cfg, eta="precise (1e-5)", max_iteratio
     x0 = g.node("KSampler", model=model, seed=3, steps=steps, cfg=cfg, sampler_name="euler", scheduler="simple",
                 positive=positive, negative=negative, latent_image=empty, denoise=1.0).out
     inverted = g.node("PreciseInvInvertLatent", model=model, positive=positive, negative=negative, latent=x0,
-                      sampler_name="euler", scheduler="simple", steps=steps, cfg=cfg, eta=eta,
+                      sampler_name="euler", scheduler="simple", steps=steps, cfg=cfg, tolerance=tolerance,
                       max_iterations=max_iterations)
     return x0, inverted, positive, negative
 
@@ -139,8 +139,8 @@ def test_sampler_node_in_samplercustom_equals_the_invert_latent_node(comfy):
     # the SAMPLER path and the one-node path must give the same latent to float32 rounding.
     g = Graph()
     model = sd3_model_link(g, "flow")
-    x0, inverted, positive, negative = generate_and_invert(g, model, 2, 2.0, eta="fast (1e-2)")
-    sampler = g.node("PreciseInvSampler", eta="fast (1e-2)", max_iterations=MAX_ITERATIONS, lr=0.2).out
+    x0, inverted, positive, negative = generate_and_invert(g, model, 2, 2.0, tolerance="fast (1e-2)")
+    sampler = g.node("PreciseInvSampler", tolerance="fast (1e-2)", max_iterations=MAX_ITERATIONS, lr=0.2).out
     sigmas = g.node("InversionSigmas", model=model, scheduler="simple", steps=2, denoise=1.0).out
     custom = g.node("SamplerCustom", model=model, add_noise=False, noise_seed=0, cfg=2.0, positive=positive,
                     negative=negative, sampler=sampler, sigmas=sigmas, latent_image=x0)[0]
@@ -173,7 +173,7 @@ def test_samplers_preciseinv_cannot_invert_are_refused_by_name(comfy, sampler_na
     positive = random_conditioning(g, SD3, seed=1)
     latent = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1).out
     inverted = g.node("PreciseInvInvertLatent", model=model, positive=positive, negative=positive, latent=latent,
-                      sampler_name=sampler_name, scheduler="simple", steps=2, cfg=1.0, eta="fast (1e-2)",
+                      sampler_name=sampler_name, scheduler="simple", steps=2, cfg=1.0, tolerance="fast (1e-2)",
                       max_iterations=5).out
     g.node("EITestCapture", label="never", latent=inverted)
     result = comfy.run(g.prompt)
@@ -199,7 +199,7 @@ def test_gradients_never_reach_the_sd15_unet_and_the_model_is_unchanged(comfy):
         latent_before = latent["samples"].clone()
         before = _weights_record(model)
         noise, info = preciseinv_nodes.invert_latent(model, positive, negative, latent, "ddim", "simple", 2, 2.0,
-                                                     1e-5, max_iterations=2)
+                                                     1e-5 ** 0.5, max_iterations=2)
         after = _weights_record(model)
     assert info.model_calls_backward > 0, "the UNet was backpropagated through"
     assert torch.isfinite(noise["samples"]).all() and noise["samples"].shape == (1, 4, 8, 8)
@@ -234,12 +234,12 @@ def test_batch_of_two_with_per_sample_conditioning_inverts_each_sample(comfy):
         x0 = sampling.run_sampler(model, positive, negative, cfg, {"samples": torch.zeros(2, 16, 8, 8)},
                                   comfy_samplers.ksampler("euler"), sigmas, noise=noise)
         batch, info = preciseinv_nodes.invert_latent(model, positive, negative, x0, "euler", "simple", steps, cfg,
-                                                     1e-5, MAX_ITERATIONS)
+                                                     1e-5 ** 0.5, MAX_ITERATIONS)
         singles = [preciseinv_nodes.invert_latent(model, row(positive, i), row(negative, i),
                                                   {"samples": x0["samples"][i:i + 1]}, "euler", "simple", steps,
-                                                  cfg, 1e-5, MAX_ITERATIONS)[0]["samples"] for i in range(2)]
+                                                  cfg, 1e-5 ** 0.5, MAX_ITERATIONS)[0]["samples"] for i in range(2)]
     assert all(len(step) == 2 for step in info.residuals), "one loss per sample per step"
-    assert any(second > first for first, second in info.iterations_per_sample), "the second sample runs alone"
+    assert any(second > first for first, second in info.iterations), "the second sample runs alone"
     torch.testing.assert_close(batch["samples"], torch.cat(singles), atol=1e-4, rtol=0)
 
 
@@ -258,4 +258,4 @@ def test_a_model_that_cannot_be_differentiated_is_refused_clearly(comfy):
         positive = conditioning(comfy, SD3, 1)
         latent = {"samples": torch.randn(1, 16, 8, 8)}
         with pytest.raises(RuntimeError, match="cannot be differentiated"):
-            preciseinv_nodes.invert_latent(model, positive, positive, latent, "euler", "simple", 2, 1.0, 1e-5, 5)
+            preciseinv_nodes.invert_latent(model, positive, positive, latent, "euler", "simple", 2, 1.0, 1e-5 ** 0.5, 5)
