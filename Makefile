@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 SUITE ?= all
 QUICK ?=
 
-.PHONY: test demo bench provision
+.PHONY: test demo bench provision gpu-bundle gpu-check
 
 provision:
 	@$(PROVISION); echo "ComfyUI: $$COMFYUI_DIR"; echo "Python:  $$COMFY_PYTHON"
@@ -19,3 +19,11 @@ demo:
 
 bench:
 	@set -e; $(PROVISION); QUICK=$(QUICK) "$$COMFY_PYTHON" bench/run.py $(SUITE)
+
+# On a machine with internet: ComfyUI's tree and the wheels a GPU machine lacks, into .gpu_bundle/.
+gpu-bundle:
+	@bash tools/gpu_bundle.sh
+
+# On the GPU machine (Python 3.12 + CUDA torch, no internet), with .gpu_bundle/ carried there.
+gpu-check:
+	@python3 tools/gpu_check.py

@@ -30,6 +30,7 @@ for p in (REPO, HERE):
 
 from bench.common import machine, markdown_table, result_path, write_results  # noqa: E402
 from bench.decoder_methods import run_method, time_to_reach  # noqa: E402
+from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE  # noqa: E402
 
 PHOTOS = ["photo_chelsea_256.jpg", "photo_coffee_256.jpg", "photo_china_256.jpg"]
 TRAINED = os.path.join(REPO, "models", "tiny_taesd_trained.safetensors")
@@ -41,21 +42,23 @@ GRAD_FREE = ("forward_step", "momentum", "adam_residual")
 def settings(quick):
     """Sizes: chosen so the full suite stays near 15 minutes on a 2-core CPU shared with other jobs."""
     if quick:
-        return dict(models={"tiny_taesd_trained": 64, "kl_f8_ch32_random": 32}, batch=1, iters=8)
-    return dict(models={"tiny_taesd_trained": 256, "kl_f8_ch32_random": 64}, batch=2, iters=20)
+        return dict(models={"tiny_taesd_trained": 64, "kl_f8_ch32_random": 32}, batch=1, max_iterations=8)
+    return dict(models={"tiny_taesd_trained": 256, "kl_f8_ch32_random": 64}, batch=2, max_iterations=20)
 
 
-def methods(iters):
-    """(label, method, dtype, knobs): the gradient-free ones with the node's defaults and tolerance."""
-    free = dict(iters=iters, tol=1e-4)
+def methods(max_iterations):
+    """(label, method, dtype, knobs): the gradient-free ones with the node's defaults and tolerance.
+    dtype is the one the VAE runs in; the latent being updated is float32 in every row."""
+    free = dict(max_iterations=max_iterations, tolerance=TOLERANCE)
+    step = {m: {STEP_OPTION[m]: DEFAULT_STEP[m]} for m in STEP_OPTION}
     return [
         ("encoder", "encoder", "fp32", {}),
-        ("gradient", "gradient", "fp32", dict(iters=iters, lr=0.01)),
-        ("adam_residual", "adam_residual", "fp32", dict(free, lr=0.01)),
-        ("forward_step", "forward_step", "fp32", dict(free, rho=0.5)),
-        ("momentum", "momentum", "fp32", dict(free, alpha=0.3, rho=0.5)),
-        ("forward_step fp16", "forward_step", "fp16", dict(free, rho=0.5)),
-        ("forward_step bf16", "forward_step", "bf16", dict(free, rho=0.5)),
+        ("gradient", "gradient", "fp32", dict(max_iterations=max_iterations, **step["gradient"])),
+        ("adam_residual", "adam_residual", "fp32", dict(free, **step["adam_residual"])),
+        ("forward_step", "forward_step", "fp32", dict(free, **step["forward_step"])),
+        ("momentum", "momentum", "fp32", dict(free, alpha=MOMENTUM, **step["momentum"])),
+        ("forward_step fp16", "forward_step", "fp16", dict(free, **step["forward_step"])),
+        ("forward_step bf16", "forward_step", "bf16", dict(free, **step["forward_step"])),
     ]
 
 
@@ -159,7 +162,7 @@ def worker(config_path, out_path):
         with open("/proc/self/clear_refs", "w") as f:       # reset the peak RSS (VmHWM) to now
             f.write("5")
     knobs = dict(cfg["knobs"])
-    res = run_method(cfg["method"], model.encode, model.decode, x, z0, dtype, knobs.pop("iters", 0),
+    res = run_method(cfg["method"], model.encode, model.decode, x, z0, dtype, knobs.pop("max_iterations", 0),
                      clamp=(-1.0, 1.0), peak=2.0, **knobs)
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -249,7 +252,7 @@ def main(quick=False):
             inputs = os.path.join(tmp, f"{model}.pt")
             info = make_inputs(model, size, s["batch"], inputs)
             notes_models[model] = info
-            for label, method, dtype, knobs in methods(s["iters"]):
+            for label, method, dtype, knobs in methods(s["max_iterations"]):
                 cfg = dict(model=model, size=size, label=label, method=method, dtype=dtype, knobs=knobs,
                            inputs=inputs)
                 r = run_worker(cfg, tmp)
@@ -269,8 +272,9 @@ def main(quick=False):
              f"tiny_taesd_trained at {s['models']['tiny_taesd_trained']} px; kl_f8_ch32_random = "
              f"ComfyUI AutoencoderKL (KL-f8 layout, ch={KL_WIDTH} instead of SD's 128, RANDOM weights) at "
              f"{s['models']['kl_f8_ch32_random']} px: reduced width and size so the suite fits ~15 min "
-             f"on this CPU. Up to {s['iters']} iterations; gradient-free methods stop at residual RMS "
-             f"1e-4 (the node's default). Memory = peak RSS above the loaded level, per fresh process. "
+             f"on this CPU. Up to {s['max_iterations']} iterations; gradient-free methods stop at residual RMS "
+             f"{TOLERANCE:g} (the node's default); the latent is float32 whatever dtype the VAE runs in. "
+             f"Memory = peak RSS above the loaded level, per fresh process. "
              f"Models: {json.dumps(notes_models)}. Suite wall time {time.time() - start:.0f} s.")
     write_results("decoder", rows, summary, quick, notes)
     plot(rows, result_path("decoder", "png", quick))

@@ -2,8 +2,8 @@
 ground-truth latent, and keep an NMSE-vs-time trace so methods can be compared at equal accuracy.
 
     from bench.decoder_methods import run_method, time_to_reach
-    ref = run_method("gradient", encode, decode, x, z0, torch.float32, iters=100)
-    res = run_method("momentum", encode, decode, x, z0, torch.float32, iters=50)
+    ref = run_method("gradient", encode, decode, x, z0, torch.float32, max_iterations=100)
+    res = run_method("momentum", encode, decode, x, z0, torch.float32, max_iterations=50)
     t = time_to_reach(res["trace"], ref["best_trace_nmse_db"])   # seconds, or None if never reached
 
 NMSE_z as in the paper: per sample 10*log10(||z_hat - z0||^2 / ||z0||^2), then the mean over samples.
@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from inversion_ops.common import nmse_db, psnr_db
+from inversion_ops.common import StepLog
 from inversion_ops.decoder import METHODS
+from tests.support.metrics import nmse_db, psnr_db
 
 
 def _sync(device):
@@ -21,35 +22,40 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_method(name, encode, decode, x, z0, dtype, iters, clamp=(0.0, 1.0), peak=1.0, **knobs):
-    """Run METHODS[name] on images x (B, ...) whose true latent is z0; return a dict of:
+def run_method(name, encode, decode, x, z0, dtype, max_iterations, clamp=(0.0, 1.0), peak=1.0, **knobs):
+    """Run METHODS[name] on images x (B, ...) whose true latent is z0, the model in `dtype` (the
+    latent is float32 whatever it is); return a dict of:
     name, dtype, nmse_z_db (mean) and nmse_z_db_per_sample of the returned z, psnr_db (mean, of
     D(z_hat) clamped to `clamp` vs x, with `peak`), seconds (wall time of the inversion only, CUDA
     synchronised, the trace's own scoring subtracted), iterations (per sample), model_calls,
     residuals (per evaluation, per sample), trace [(seconds, mean NMSE dB of the current iterate)],
     best_trace_nmse_db, peak_mem_mb (CUDA max_memory_allocated during the run, weights included; None on CPU).
-    `knobs` go to the method (rho, alpha, lr, tol, patience, ...); `iters` and the knobs are ignored for "encoder" (but `residual`).
+    `knobs` go to the method (rho, alpha, lr, tolerance, patience, ...); `max_iterations` and the knobs
+    are ignored for "encoder" (but `residual`).
     """
     fn = METHODS[name]
     device = x.device
     trace, overhead = [], [0.0]
     start = [0.0]
 
-    def callback(d):
+    log = StepLog()
+
+    def score(d):
         _sync(device)
         t_in = time.perf_counter()
-        trace.append((t_in - start[0] - overhead[0], nmse_db(d["z"], z0).mean().item()))
+        trace.append((t_in - start[0] - overhead[0], nmse_db(d["x"], z0).mean().item()))
+        log(d)
         overhead[0] += time.perf_counter() - t_in
 
     if name == "encoder":                           # no iteration knobs; its residual costs 2 calls
         kwargs = dict(residual=knobs.get("residual", False))
     else:
-        kwargs = dict(knobs, iters=iters)
+        kwargs = dict(knobs, max_iterations=max_iterations)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start[0] = time.perf_counter()
-    z, info = fn(encode, decode, x, dtype=dtype, callback=callback, **kwargs)
+    z = fn(encode, decode, x, score, dtype=dtype, **kwargs)
     _sync(device)
     seconds = time.perf_counter() - start[0] - overhead[0]
     if not trace:                                   # encoder without residual: one point at the end
@@ -66,8 +72,8 @@ def run_method(name, encode, decode, x, z0, dtype, iters, clamp=(0.0, 1.0), peak
         name=name, dtype=str(dtype).replace("torch.", ""),
         nmse_z_db=per_sample.mean().item(), nmse_z_db_per_sample=per_sample.tolist(),
         psnr_db=psnr.mean().item(), seconds=seconds,
-        iterations=list(info.sample_iterations) if info.sample_iterations else [0] * x.shape[0],
-        model_calls=info.model_calls, residuals=info.residuals,
+        iterations=log.records[-1]["iterations"] if log.records else [0] * x.shape[0],
+        model_calls=log.model_calls if log.records else 1, residuals=log.residuals,
         trace=trace, best_trace_nmse_db=min(v for _, v in trace), peak_mem_mb=peak_mem,
     )
 

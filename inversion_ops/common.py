@@ -109,16 +109,23 @@ class StepLog:
     SKIP = ("x", "denoised", "sigma", "sigma_hat")
 
     def __init__(self):
-        self.records, self.model_calls, self.model_calls_backward = [], 0, 0
+        self._raw, self._records = [], []
+        self.model_calls, self.model_calls_backward = 0, 0
 
     def __call__(self, d):
-        record = {"pass": 0}
-        for key, value in d.items():
-            if key not in self.SKIP and value is not None:
-                record[key] = value.detach().cpu().tolist() if torch.is_tensor(value) else value
-        self.records.append(record)
+        # tensors stay on their device (a clone, no host sync) until the records are read
+        self._raw.append({key: value.detach().clone() if torch.is_tensor(value) else value
+                          for key, value in d.items() if key not in self.SKIP and value is not None})
         self.model_calls = d.get("model_calls", self.model_calls)
         self.model_calls_backward = d.get("model_calls_backward", self.model_calls_backward)
+
+    @property
+    def records(self):
+        """One dict per callback, tensors as lists (read after the run: one host copy each)."""
+        for raw in self._raw[len(self._records):]:
+            self._records.append({"pass": 0, **{k: v.cpu().tolist() if torch.is_tensor(v) else v
+                                                for k, v in raw.items()}})
+        return self._records
 
     def series(self, key, last_pass=False):
         """Per-record lists of per-sample values of `key`; last_pass: only the final pass's records."""

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from prompts import Graph
+from tests.support.metrics import nmse_db as nmse_db_per_sample
+from tests.support.metrics import psnr_db as psnr_db_per_sample
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = ["photo_chelsea_64.png", "photo_coffee_64.png", "photo_china_64.png"]
@@ -32,11 +34,16 @@ def quantise(image):
 
 
 def nmse_db(z, z0):
-    return (10 * torch.log10((z - z0).pow(2).flatten(1).sum(1) / z0.pow(2).flatten(1).sum(1))).mean().item()
+    return nmse_db_per_sample(z, z0).mean().item()
 
 
 def psnr_db(a, b):
-    return (10 * torch.log10(1 / (a.float() - b.float()).pow(2).flatten(1).mean(1))).mean().item()
+    return psnr_db_per_sample(a, b).mean().item()
+
+
+def last(log, key):
+    """Per-sample values of `key` after the last evaluation (StepLog)."""
+    return log.records[-1][key]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,11 +88,13 @@ def invert(decoder_node, vae, image, method, **kw):
 def test_gradient_free_methods_beat_the_encoder_in_nmse(decoder_node, trained_vae, decodable, method):
     z0, x = decodable
     z_encoder, _ = invert(decoder_node, trained_vae, x, "encoder")
-    z, info = invert(decoder_node, trained_vae, x, method, iterations=10)
+    z, log = invert(decoder_node, trained_vae, x, method, max_iterations=10)
     # 8-bit quantisation of x limits how close any method can get; 3 dB is far above run-to-run noise
     # and far below the ~20 dB gain these methods reach here.
     assert nmse_db(z, z0) < nmse_db(z_encoder, z0) - 3.0, (nmse_db(z, z0), nmse_db(z_encoder, z0))
     assert z.shape == z0.shape and z.dtype == torch.float32
+    iterations = last(log, "iterations")
+    assert all(1 <= n <= 10 for n in iterations) and len(log.residuals) == max(iterations) + 1
 
 
 def test_encoder_method_is_vae_encode_with_its_crop_and_scale(decoder_node, trained_vae):
@@ -100,13 +109,23 @@ def test_encoder_method_is_vae_encode_with_its_crop_and_scale(decoder_node, trai
 
 def test_batch_of_three_equals_three_single_runs(decoder_node, trained_vae, decodable):
     _, x = decodable
-    z_batch, info = invert(decoder_node, trained_vae, x, "forward_step", iterations=20, tolerance=1e-4)
-    assert len(set(info.sample_iterations)) > 1, "the samples should stop at different iterations"
+    z_batch, log = invert(decoder_node, trained_vae, x, "forward_step", max_iterations=20, tolerance=1e-4)
+    assert len(set(last(log, "iterations"))) > 1, "the samples should stop at different iterations"
     for b in range(3):
-        z_one, info_one = invert(decoder_node, trained_vae, x[b:b + 1], "forward_step", iterations=20, tolerance=1e-4)
-        assert info_one.sample_iterations[0] == info.sample_iterations[b], "same per-sample stop"
+        z_one, log_one = invert(decoder_node, trained_vae, x[b:b + 1], "forward_step", max_iterations=20,
+                                tolerance=1e-4)
+        assert last(log_one, "iterations")[0] == last(log, "iterations")[b], "same per-sample stop"
         # batched and single convolutions may round differently (float32 ~1e-7); the iteration contracts.
         torch.testing.assert_close(z_one[0], z_batch[b], rtol=0, atol=1e-5)
+
+
+def test_node_defaults_are_the_inversion_ops_constants(comfy, decoder_node):
+    ops = comfy.pack_module("inversion_ops.decoder")
+    inputs = {i.id: i for i in decoder_node.DecoderInversion.define_schema().inputs}
+    assert inputs["max_iterations"].default == ops.MAX_ITERATIONS
+    assert inputs["tolerance"].default == ops.TOLERANCE
+    assert inputs["momentum"].default == ops.MOMENTUM
+    assert inputs["method"].default == ops.METHOD and inputs["method"].options == list(ops.METHOD_NAMES)
 
 
 def test_vae_is_unchanged_after_every_method(decoder_node, trained_vae, decodable):
@@ -117,7 +136,7 @@ def test_vae_is_unchanged_after_every_method(decoder_node, trained_vae, decodabl
     device, dtype = trained_vae.device, trained_vae.vae_dtype
     for method, precision in [("gradient", "auto"), ("forward_step", "fp16"), ("momentum", "bf16"),
                               ("adam_residual", "auto"), ("encoder", "auto")]:
-        invert(decoder_node, trained_vae, x[:1], method, iterations=2, precision=precision)
+        invert(decoder_node, trained_vae, x[:1], method, max_iterations=2, precision=precision)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -146,7 +165,7 @@ def _roundtrip_prompt(vae_name, image_name, method="forward_step", label="rt"):
     photo = g.node("ImageScale", image=g.node("LoadImage", image=image_name).out, upscale_method="area",
                    width=32, height=32, crop="disabled").out      # 32 px keeps the server run cheap
     target = g.node("VAEDecode", samples=g.node("VAEEncode", pixels=photo, vae=vae).out, vae=vae).out
-    inverted = g.node("DecoderInversion", vae=vae, image=target, method=method, iterations=20, step_size=0.0,
+    inverted = g.node("DecoderInversion", vae=vae, image=target, method=method, max_iterations=20, step_size=0.0,
                       momentum=0.3, tolerance=1e-4, precision="auto")
     by_encoder = g.node("VAEEncode", pixels=target, vae=vae).out
     g.node("EITestCapture", label=f"{label}_node", latent=inverted.out,
@@ -178,8 +197,8 @@ def test_sixteen_channel_taesd3_works(comfy):
     g = Graph()
     vae = g.node("VAELoader", vae_name="taesd3").out
     image = g.node("EmptyImage", width=32, height=32, batch_size=2, color=0x336699).out
-    inverted = g.node("DecoderInversion", vae=vae, image=image, method="momentum", iterations=3, step_size=0.0,
-                      momentum=0.3, tolerance=0.0, precision="auto").out
+    inverted = g.node("DecoderInversion", vae=vae, image=image, method="momentum", max_iterations=3,
+                      step_size=0.0, momentum=0.3, tolerance=0.0, precision="auto").out
     g.node("EITestCapture", label="taesd3_node", latent=inverted, image=g.node("VAEDecode", samples=inverted, vae=vae).out)
     result = comfy.run(g.prompt)
     assert result.ok, result.error
@@ -193,7 +212,7 @@ def test_momentum_outside_theorem_2_is_refused_naming_the_inputs(comfy):
     vae = g.node("VAELoader", vae_name=TRAINED).out
     image = g.node("EmptyImage", width=32, height=32, batch_size=1, color=0).out
     g.node("EITestCapture", label="never", latent=g.node(
-        "DecoderInversion", vae=vae, image=image, method="momentum", iterations=3, step_size=1.5, momentum=0.5,
+        "DecoderInversion", vae=vae, image=image, method="momentum", max_iterations=3, step_size=1.5, momentum=0.5,
         tolerance=1e-4, precision="auto").out)
     result = comfy.run(g.prompt)
     assert not result.ok
@@ -208,7 +227,7 @@ def test_interrupt_stops_the_node_inside_its_loop(comfy):
     vae = g.node("VAELoader", vae_name=TRAINED).out
     image = g.node("EmptyImage", width=32, height=32, batch_size=1, color=0x808080).out
     g.node("EITestCapture", label="never", latent=g.node(
-        "DecoderInversion", vae=vae, image=image, method="forward_step", iterations=2000, step_size=0.0,
+        "DecoderInversion", vae=vae, image=image, method="forward_step", max_iterations=2000, step_size=0.0,
         momentum=0.3, tolerance=0.0, precision="auto").out)
     seen = []
 

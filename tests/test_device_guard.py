@@ -3,7 +3,8 @@
 CUDA refuses an op that mixes a device tensor with a CPU tensor of one or more dims, and Apple's MPS
 has no float64; every other test runs ComfyUI with --cpu and cannot notice either. Here every input
 lives on the emulated device, which raises exactly there, and computes with the CPU's kernels, so
-each result must also equal the plain CPU run bit for bit.
+each result must also equal the plain CPU run bit for bit. Where CUDA is present (tools/gpu_check.py),
+the same runs go to the real GPU too and must agree with the CPU to -60 dB (kernels round differently).
 """
 import copy
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ import torch
 from inversion_ops import decoder, exact, preciseinv, rf
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser
 from tests.support.emulated_device import DEVICE, DeviceMismatch, EmulatedDevice, is_on_device
+from tests.support.metrics import nmse_db
 
 torch.set_num_threads(1)
 SHAPE = (4, 8, 8)
@@ -34,8 +36,13 @@ LATENT = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
 
 
 def run_both(call):
-    """call(to) on CPU tensors and on the emulated device (float64 refused); returns (cpu, device) results."""
+    """call(to) on CPU tensors and on the emulated device (float64 refused); returns (cpu, device) results.
+    With CUDA present, also checks the run on the GPU against the CPU one."""
     reference = call(lambda t: t)
+    if torch.cuda.is_available():
+        on_gpu = call(lambda t: t.to("cuda"))
+        assert on_gpu.device.type == "cuda", "the result left the GPU"
+        assert torch.isfinite(on_gpu).all() and nmse_db(on_gpu.cpu(), reference).max() < -60
     with EmulatedDevice(float64=False):
         on_device = call(lambda t: t.to(DEVICE))
         assert is_on_device(on_device), "the result left the input's device"
@@ -145,7 +152,7 @@ def test_node_samplers_run_on_the_device_through_comfyui_ksampler(comfy, comfy_p
     for name, sampler, ascending in node_samplers(comfy, kind):
         def call(to):
             # ComfyUI moves the model (model_sampling's buffers too) and the schedule to the model's device
-            sampling = model_sampling if to(sigmas) is sigmas else copy.deepcopy(model_sampling).to(DEVICE)
+            sampling = copy.deepcopy(model_sampling).to(to(sigmas).device)
             guider = AnalyticGuider(cfg_model(kind), sampling, latent_format)
             steps = []
             out = sampler.sample(guider, to(sigmas if ascending else sigmas.flip(0)), {"model_options": {}},

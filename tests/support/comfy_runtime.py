@@ -33,6 +33,13 @@ def comfyui_dir() -> Path:
     return Path(path)
 
 
+def device_args() -> list:
+    """ComfyUI's device / precision flags: `--cpu` unless EI_COMFY_DEVICE=gpu (tools/gpu_check.py), plus
+    EI_COMFY_ARGS (e.g. "--fp16-unet --fp16-vae"), so the same tests run on a GPU in 16 bit."""
+    args = [] if os.environ.get("EI_COMFY_DEVICE", "cpu") == "gpu" else ["--cpu"]
+    return args + os.environ.get("EI_COMFY_ARGS", "").split()
+
+
 def comfy_python() -> str:
     return os.environ.get("COMFY_PYTHON", sys.executable)
 
@@ -122,13 +129,13 @@ class InProcessComfy:
         comfy_dir = str(comfyui_dir())
         if comfy_dir not in sys.path:
             sys.path.insert(0, comfy_dir)
-        sys.argv = [os.path.join(comfy_dir, "main.py"), "--cpu", "--base-directory", str(self.base)]
+        sys.argv = [os.path.join(comfy_dir, "main.py"), *device_args(), "--base-directory", str(self.base)]
         if "folder_paths" in sys.modules:
             raise RuntimeError("folder_paths was imported before InProcessComfy: its base directory is fixed")
         import comfy.options
         comfy.options.enable_args_parsing()
         import comfy.cli_args   # parsed already if something imported comfy first: set what we need
-        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.cpu = "--cpu" in device_args()
         comfy.cli_args.args.base_directory = str(self.base)
         import utils.extra_config  # noqa: F401  must precede `nodes`, which shadows `utils`
         import utils.install_util  # noqa: F401
@@ -197,7 +204,7 @@ class ComfyServer:
         self.log_path = self.base / "server.log"
 
     def start(self, timeout=120):
-        cmd = [comfy_python(), str(comfyui_dir() / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        cmd = [comfy_python(), str(comfyui_dir() / "main.py"), *device_args(), "--listen", "127.0.0.1",
                "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base)]
         if self.front_end_root:
             cmd += ["--front-end-root", str(self.front_end_root)]

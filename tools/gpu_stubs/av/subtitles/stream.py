@@ -1,0 +1,1 @@
+from .. import _Unavailable as SubtitleStream  # noqa: F401
