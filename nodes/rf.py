@@ -80,6 +80,8 @@ class ControlledFlowSampler(InversionKSampler):
 
     def __init__(self, direction, mode="ode", log=None, **options):
         function = FUNCTIONS[(direction, mode)]
+        if (direction, mode) == ("reverse", "ode"):
+            options.pop("seed", None)   # the only variant that draws no noise
         super().__init__(log.observe(function) if log is not None else function, options)
         self.direction = direction
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from inversion_ops.common import nmse_db
+from tests.support.metrics import nmse_db
 from prompts import FLUX, SD3, SD15, Graph, random_conditioning
 
 SD3_UNET = "tiny_sd3_flow.safetensors"
