@@ -1,6 +1,6 @@
 """Exact inversion of ComfyUI's euler / ddim and dpmpp_2m samplers by backward Euler
 (Hong et al., CVPR 2024), plus the naive (FlipSigmas + euler) baseline, as SAMPLERs and as one
-"Invert Latent" node. The maths is in inversion_ops.backward_euler; the ComfyUI plumbing
+"Invert Latent" node. The maths is in inversion_ops.exact; the ComfyUI plumbing
 (guider, flow sigma = 1 handling, InvertedNoise) in nodes/sampling.py.
 """
 from comfy_api.latest import io

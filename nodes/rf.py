@@ -2,8 +2,8 @@
 
 Two SAMPLERs for SamplerCustom / SamplerCustomAdvanced (forward: image -> structured noise over
 Inversion Sigmas; reverse: noise -> edited image over BasicScheduler's sigmas, pulled toward a
-reference latent) and a one-node edit. The maths is in inversion_ops/rf_inversion.py; here the
-model is turned into `denoise(x, sigma)` and checked to be a flow model by what its
+reference latent) and a one-node edit. The maths is in inversion_ops/rf.py; here the
+model is checked to be a flow model by what its
 model_sampling does, never by its class or family.
 """
 import comfy.samplers

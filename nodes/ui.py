@@ -14,7 +14,7 @@ def _clean(v):
 
 
 def convergence_ui(title, per_step, x_label, y_label, log=True, summary="", **extra):
-    """per_step: a list over iterations or steps of per-sample values (InversionInfo.residuals)."""
+    """per_step: a list over iterations or steps of per-sample values (StepLog.residuals)."""
     samples = len(per_step[0]) if per_step else 0
     series = [[_clean(step[b]) for step in per_step] for b in range(samples)]
     final = [s[-1] if s else None for s in series]
