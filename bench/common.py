@@ -55,3 +55,16 @@ def write_results(name, rows, summary, quick, notes=""):
 def result_path(name, ext, quick):
     os.makedirs(RESULTS, exist_ok=True)
     return os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.{ext}")
+
+
+def ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DDIM inversion as the PreciseInv paper's baseline runs it: every step is the pack's one naive
+    step (the model at the current latent, labelled with the noisier sigma). Not ComfyUI's
+    FlipSigmas + euler (inversion_ops.exact.naive_inversion), which labels it with the current sigma."""
+    from inversion_ops.common import CountedModel, check_sigmas, naive_step, report, work_dtype
+    sigmas, counted = check_sigmas(sigmas).to(x.device), CountedModel(model, extra_args)
+    x = x.to(work_dtype(x))
+    for i in range(len(sigmas) - 1):
+        x = naive_step(counted, x, sigmas[i], sigmas[i + 1], {})
+        report(callback, i=i, x=x, sigma=sigmas[i + 1], model_calls=counted.calls)
+    return x

@@ -7,11 +7,13 @@ dpmpp_2m, side by side on
 
 (b): x_T = noise_scaling(sigma_max, randn) in the sampler's space; x0 = ComfyUI's own sampler
 (comfy.samplers.sampler_object) from x_T through the pack's run_sampler (CFGGuider), started exactly at
-x_T via InvertedNoise; invert x0 through run_sampler with the pack's FunctionSampler over the ascending
-schedule; regenerate from x_T_hat the same way as x0. noise_nmse_db = NMSE(x_T_hat, x_T), regen_nmse_db
-= NMSE(x0_hat, x0), both in the sampler's latent space; model_calls are CFG calls of the inversion,
-seconds its wall time. Schedulers: normal (SD1.5), simple (SD3). Tolerance 1e-4 RMS per element
-(the node default; float32). Methods:
+x_T via InvertedNoise; invert x0 through run_sampler with the pack's InversionKSampler over the ascending
+schedule (a StepLog callback records the model calls and the steps at the iteration cap); regenerate
+from x_T_hat the same way as x0. Every run_sampler call runs under torch.inference_mode(), as ComfyUI
+runs nodes. noise_nmse_db = NMSE(x_T_hat, x_T), regen_nmse_db = NMSE(x0_hat, x0), both in the
+sampler's latent space; model_calls are CFG calls of the inversion, seconds its wall time.
+Schedulers: normal (SD1.5), simple (SD3). Tolerance 1e-4 RMS per element (the node default; float32).
+Methods:
   naive                   FlipSigmas + euler (one call per step)
   exact_fixed_point       the paper's solver: rho 0.5, 20-iteration warm-up, halving on plateau, <= 500
                           iterations per step; dpmpp_2m: the paper's single pass
@@ -32,11 +34,12 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import exact_analytic  # noqa: E402
 from common import markdown_table, result_path, write_results  # noqa: E402
-from inversion_ops import backward_euler as be  # noqa: E402
-from inversion_ops.common import nmse_db  # noqa: E402
+from inversion_ops import exact  # noqa: E402
+from inversion_ops.common import StepLog  # noqa: E402
+from tests.support.metrics import nmse_db  # noqa: E402
 
 TOL = 1e-4
-MAX_ITERS = 500
+MAX_ITERATIONS = 500
 COLUMNS = ("part", "model", "sampler", "steps", "cfg", "method", "noise_nmse_db", "regen_nmse_db",
            "model_calls", "capped_steps", "seconds")
 SUMMARY_CASE = dict(part="comfyui", model="sd15_eps", sampler="euler", steps=50, cfg=5.0)
@@ -59,18 +62,17 @@ SCHEDULER = {"sd15_eps": "normal", "sd15_v": "normal", "sd3_flow": "simple"}
 
 
 def inverters(sampler, refine_passes):
-    """method -> run(denoise, x, sigmas, callback) for the pack's FunctionSampler."""
-    paper = dict(solver="fixed_point", tol=TOL, max_iters=MAX_ITERS)
-    fast = dict(solver="anderson", tol=TOL, max_iters=MAX_ITERS)
+    """method -> (inversion function in k-diffusion's shape, its options) for the pack's InversionKSampler."""
+    paper = dict(solver="fixed_point", tolerance=TOL, max_iterations=MAX_ITERATIONS)
+    fast = dict(solver="anderson", tolerance=TOL, max_iterations=MAX_ITERATIONS)
     if sampler == "euler":
-        return {"naive": lambda d, x, s, cb: be.naive_inversion(d, x, s),
-                "exact_fixed_point": lambda d, x, s, cb: be.exact_inversion_euler(d, x, s, **paper),
-                "exact_anderson": lambda d, x, s, cb: be.exact_inversion_euler(d, x, s, **fast)}
-    return {"naive": lambda d, x, s, cb: be.naive_inversion(d, x, s),
-            "exact_fixed_point": lambda d, x, s, cb: be.exact_inversion_dpmpp_2m(d, x, s, refine_passes=0, **paper),
-            "exact_anderson": lambda d, x, s, cb: be.exact_inversion_dpmpp_2m(d, x, s, refine_passes=0, **fast),
-            "exact_anderson_refined": lambda d, x, s, cb: be.exact_inversion_dpmpp_2m(
-                d, x, s, refine_passes=refine_passes, **fast)}
+        return {"naive": (exact.naive_inversion, {}),
+                "exact_fixed_point": (exact.exact_inversion_euler, paper),
+                "exact_anderson": (exact.exact_inversion_euler, fast)}
+    return {"naive": (exact.naive_inversion, {}),
+            "exact_fixed_point": (exact.exact_inversion_dpmpp_2m, dict(paper, refine_passes=0)),
+            "exact_anderson": (exact.exact_inversion_dpmpp_2m, dict(fast, refine_passes=0)),
+            "exact_anderson_refined": (exact.exact_inversion_dpmpp_2m, dict(fast, refine_passes=refine_passes))}
 
 
 def comfy_rows(quick):
@@ -80,7 +82,6 @@ def comfy_rows(quick):
         import comfy.samplers
         from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
         sampling = runtime.pack_module("nodes.sampling")
-        exact_nodes = runtime.pack_module("nodes.exact")
         sd15 = runtime.nodes.UNETLoader().load_unet("tiny_sd15_eps.safetensors", "default")[0]
         models = {"sd15_eps": (sd15, 768, 0),
                   "sd15_v": (ModelSamplingDiscrete().patch(sd15, "v_prediction", False)[0], 768, 0),
@@ -97,8 +98,9 @@ def comfy_rows(quick):
             def through_comfy(sampler, latent, sigmas, cfg, start_exactly):
                 noise = sampling.InvertedNoise(model, latent).generate_noise({"samples": latent}) \
                     if start_exactly else None
-                return sampling.run_sampler(model, positive, negative, cfg, {"samples": latent}, sampler,
-                                            sigmas, noise=noise)["samples"]
+                with torch.inference_mode():   # as ComfyUI's executor runs every node (no autograd graph)
+                    return sampling.run_sampler(model, positive, negative, cfg, {"samples": latent}, sampler,
+                                                sigmas, noise=noise)["samples"]
 
             for (sampler, steps), cfgs in grid.items():
                 sigmas = comfy.samplers.calculate_sigmas(ms, SCHEDULER[name], steps).cpu().float()
@@ -108,22 +110,22 @@ def comfy_rows(quick):
                 forward = comfy.samplers.sampler_object(sampler)
                 for cfg in cfgs:
                     image = through_comfy(forward, x_t_latent, sigmas, cfg, True)
-                    for method, run in inverters(sampler, exact_nodes.REFINE_PASSES).items():
+                    for method, (function, options) in inverters(sampler, exact.REFINE_PASSES).items():
                         if method == "exact_fixed_point" and cfg not in PAPER_CFGS["quick" if quick else "full"]:
                             continue
-                        inverter = sampling.FunctionSampler(run)
+                        log = StepLog()
+                        inverter = sampling.InversionKSampler(log.observe(function), options)
                         start = time.perf_counter()
                         recovered = through_comfy(inverter, image, sigmas.flip(0), cfg, False)
                         seconds = time.perf_counter() - start
                         regenerated = through_comfy(forward, recovered, sigmas, cfg, True)
-                        info = inverter.last_info
                         in_sampler_space = model.model.process_latent_in
                         rows.append(dict(
                             part="comfyui", model=name, sampler=sampler, steps=steps, cfg=cfg, method=method,
                             noise_nmse_db=round(float(nmse_db(in_sampler_space(recovered), x_t).mean()), 1),
                             regen_nmse_db=round(float(nmse_db(in_sampler_space(regenerated),
                                                               in_sampler_space(image)).mean()), 1),
-                            model_calls=info.model_calls, capped_steps=sum(any(c) for c in info.hit_cap),
+                            model_calls=log.model_calls, capped_steps=sum(any(c) for c in log.hit_cap),
                             seconds=round(seconds, 2)))
                         print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
         return rows

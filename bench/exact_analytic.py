@@ -10,8 +10,9 @@ x ~ 15 is ~1e-6 per element; the authors' summed 1e-3 on 4x64x64 is ~2.5e-4 per 
 CFG mixes two mixtures with the same components and different weights (cfg_denoiser).
 Methods: naive (FlipSigmas + euler), exact_fixed_point (the paper's solver; for dpmpp_2m the
 paper's single pass), exact_anderson (Anderson mixing; dpmpp_2m: single pass), and for dpmpp_2m
-exact_anderson_refined (plus Anderson-mixed refine passes). `python bench/exact_analytic.py
-[--quick]` prints a markdown table.
+exact_anderson_refined (plus up to REFINE_PASSES Anderson-mixed refine passes). Solvers run with
+up to MAX_ITERATIONS iterations per step. `python bench/exact_analytic.py [--quick]` prints a
+markdown table.
 """
 import os
 import sys
@@ -21,13 +22,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inversion_ops import backward_euler as be  # noqa: E402
+from inversion_ops import exact  # noqa: E402
+from inversion_ops.common import StepLog  # noqa: E402
 from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
-from inversion_ops.common import nmse_db  # noqa: E402
+from tests.support.metrics import nmse_db  # noqa: E402
+from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler  # noqa: E402
 
 COLUMNS = ("model", "sampler", "steps", "cfg", "method", "noise_nmse_db", "regen_nmse_db",
            "model_calls", "seconds")
 TOL = 1e-4
+MAX_ITERATIONS = 500   # per step (the solvers' cap when this bench was written)
+REFINE_PASSES = 4      # dpmpp_2m exact_anderson_refined (the function's default when this bench was written)
 
 
 def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
@@ -44,15 +49,18 @@ def flow_sigmas(steps, shift=3.0):
 
 
 def methods(sampler):
-    invert = be.exact_inversion_euler if sampler == "euler" else be.exact_inversion_dpmpp_2m
+    """method -> fn(model, x, sigmas, callback=...) in k-diffusion's shape, returning x_T."""
+    invert = exact.exact_inversion_euler if sampler == "euler" else exact.exact_inversion_dpmpp_2m
     single_pass = {} if sampler == "euler" else {"refine_passes": 0}
+    common = dict(tolerance=TOL, max_iterations=MAX_ITERATIONS)
     out = {
-        "naive": lambda d, x, s: be.naive_inversion(d, x, s),
-        "exact_fixed_point": lambda d, x, s: invert(d, x, s, solver="fixed_point", tol=TOL, **single_pass),
-        "exact_anderson": lambda d, x, s: invert(d, x, s, solver="anderson", tol=TOL, **single_pass),
+        "naive": exact.naive_inversion,
+        "exact_fixed_point": lambda d, x, s, **kw: invert(d, x, s, solver="fixed_point", **common, **single_pass, **kw),
+        "exact_anderson": lambda d, x, s, **kw: invert(d, x, s, solver="anderson", **common, **single_pass, **kw),
     }
     if sampler == "dpmpp_2m":
-        out["exact_anderson_refined"] = lambda d, x, s: invert(d, x, s, solver="anderson", tol=TOL)
+        out["exact_anderson_refined"] = lambda d, x, s, **kw: invert(d, x, s, solver="anderson", **common,
+                                                                       refine_passes=REFINE_PASSES, **kw)
     return out
 
 
@@ -67,21 +75,22 @@ def run(quick=False):
         uncond = GaussianMixtureDenoiser.random(parameterization=model, weights=[0.2, 0.3, 0.5])
         for sampler, steps in grid:
             sigmas = karras_sigmas(steps) if model == "eps" else flow_sigmas(steps)
-            sample = be.sample_euler if sampler == "euler" else be.sample_dpmpp_2m
+            sample = sample_euler if sampler == "euler" else sample_dpmpp_2m
             noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
             for cfg in cfgs:
                 denoise = cfg_denoiser(cond, uncond, cfg)
                 image = sample(denoise, noise, sigmas)
                 for method, invert in methods(sampler).items():
+                    log = StepLog()
                     start = time.perf_counter()
-                    recovered, info = invert(denoise, image, sigmas.flip(0))
+                    recovered = invert(denoise, image, sigmas.flip(0), callback=log)
                     seconds = time.perf_counter() - start
                     regenerated = sample(denoise, recovered, sigmas)
                     rows.append(dict(
                         model=model, sampler=sampler, steps=steps, cfg=cfg, method=method,
                         noise_nmse_db=round(float(nmse_db(recovered, noise).mean()), 1),
                         regen_nmse_db=round(float(nmse_db(regenerated, image).mean()), 1),
-                        model_calls=info.model_calls, seconds=round(seconds, 2)))
+                        model_calls=log.model_calls, seconds=round(seconds, 2)))
     return rows
 
 

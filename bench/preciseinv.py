@@ -3,18 +3,20 @@ Euler, on the analytic Gaussian mixture and on the tiny SD1.5-layout and SD3-lay
 real ComfyUI (in-process, CPU, float32, 1 thread, under torch.inference_mode() as ComfyUI runs nodes).
 
 Per model, cfg (1, 3) and steps T (2, 4, 10): invert x0 along Inversion Sigmas ("simple" scheduler)
-through the pack's SAMPLER objects and nodes/sampling.run_sampler (ComfyUI's CFGGuider), regenerate
-with ComfyUI's own euler sampler over BasicScheduler's sigmas starting exactly at the inverted latent
-(nodes/sampling.InvertedNoise), and report
+through the pack's SAMPLER objects (InversionKSampler, PreciseInvKSampler; a StepLog callback records
+the model calls and the steps at the iteration cap) and nodes/sampling.run_sampler (ComfyUI's
+CFGGuider), regenerate with ComfyUI's own euler sampler over BasicScheduler's sigmas starting exactly
+at the inverted latent (nodes/sampling.InvertedNoise), and report
   recon_nmse_db   NMSE of the regenerated latent to x0 (mean over the batch, dB)
   psnr_db         SD1.5 layout only (4 ch: the trained tiny VAE applies): pixel PSNR of the VAE's
                   decode of the regenerated latent against the reference image: decode(x0) for a
                   generated x0, the source photo for x0 = photo (the paper's protocol, capped by the
                   VAE's own reconstruction, vae_psnr_db); psnr_vs_vae_db: against decode(x0)
   model_calls_forward / _backward, seconds (inversion only), steps_at_cap (PreciseInv / exact).
-Methods: naive = DDIM inversion (the model at the current latent labelled with the next sigma; the
-paper's baseline and PreciseInv's initialisation); exact = backward Euler with Anderson, tolerance RMS
-sqrt(1e-5) (= PreciseInv's eta 1e-5 as an MSE); PreciseInv eta 1e-2 and 1e-5 (BB steps, lr 0.2).
+Methods: naive = DDIM inversion as the paper's baseline runs it (bench/common.ddim_inversion: the model
+at the current latent, labelled with the noisier sigma); exact = backward Euler with Anderson, tolerance RMS sqrt(1e-5) (= PreciseInv's
+eta 1e-5 as an MSE); PreciseInv eta 1e-2 and 1e-5 (tolerance sqrt(eta) on the step residual's RMS,
+BB steps, lr 0.2).
 x0: the model's own 20-step euler output from seeded noise ("x0 generated"), and for the SD1.5
 layout also the held-out 64 px photos in tests/data encoded by the trained tiny TAESD ("x0 photo").
 jacobian rows: singular values of each Euler step's Jacobian at DDIM inversion's points (T = 2):
@@ -34,8 +36,9 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import preciseinv_analytic  # noqa: E402
 from common import markdown_table, result_path, write_results  # noqa: E402
-from inversion_ops.backward_euler import exact_inversion_euler  # noqa: E402
-from inversion_ops.preciseinv import naive_inversion  # noqa: E402
+from inversion_ops.common import StepLog  # noqa: E402
+from inversion_ops.exact import exact_inversion_euler  # noqa: E402
+from common import ddim_inversion  # noqa: E402
 
 COLUMNS = ("model", "cfg", "steps", "method", "recon_nmse_db", "psnr_db", "psnr_vs_vae_db", "model_calls_forward",
            "model_calls_backward", "seconds", "steps_at_cap")
@@ -109,8 +112,7 @@ def step_jacobian_rows(runtime, model_key, steps=2, chunk=64):
     inversion reaches from x0 (the first photo / generated latent), cfg 1, by central finite
     differences through ComfyUI's wrapped model. A smallest singular value near 0 means the step
     (and so the sampler) is not invertible there: no x_s reproduces a nearby x_t."""
-    from inversion_ops.common import euler_step
-    from inversion_ops.preciseinv import naive_inversion_step
+    from inversion_ops.common import euler_step, naive_step, sigma_batch
     spec = MODELS[model_key]
     pack = {k: runtime.pack_module(f"nodes.{k}") for k in ("sampling", "sigmas")}
     model = load_model(runtime, spec)
@@ -119,12 +121,12 @@ def step_jacobian_rows(runtime, model_key, steps=2, chunk=64):
     x0 = make_x0(runtime, spec, model, cond, cond, 1.0, 1, vae)
     rows = []
 
-    def run(denoise, x, sigmas, callback):
-        x_t = x
+    def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args, x_t = extra_args or {}, x
         for i in range(len(sigmas) - 1):
             t, s = float(sigmas[i]), float(sigmas[i + 1])
-            x_s = naive_inversion_step(denoise, x_t, t, s)
-            step = lambda z: euler_step(z, denoise(z, s), s, t)
+            x_s = naive_step(model, x_t, t, s, extra_args)
+            step = lambda z: euler_step(z, model(z, sigma_batch(s, z), **extra_args), s, t)  # noqa: E731
             d, h = x_s[0].numel(), 1e-3 * max(1.0, s)
             basis = torch.eye(d, dtype=x_s.dtype).reshape(d, *x_s.shape[1:]) * h
             columns = [((step(x_s + e) - step(x_s - e)) / (2 * h)).flatten(1)
@@ -135,28 +137,29 @@ def step_jacobian_rows(runtime, model_key, steps=2, chunk=64):
                          "singular_max": float(singular.max()),
                          "condition": float(singular.max() / singular.min())})
             x_t = x_s
-        return x, None
+        return x
 
     sigmas = pack["sigmas"].inversion_sigmas(model, "simple", steps)
-    pack["sampling"].run_sampler(model, cond, cond, 1.0, x0, pack["sampling"].FunctionSampler(run), sigmas)
+    pack["sampling"].run_sampler(model, cond, cond, 1.0, x0, pack["sampling"].InversionKSampler(run, {}), sigmas)
     return rows
 
 
 def inverters(pack, max_iterations, exact_max_iters):
-    """method name -> (SAMPLER object, counts(info) -> (forward, backward, steps at cap))."""
-    FunctionSampler = pack["sampling"].FunctionSampler
+    """method name -> (make(log) -> SAMPLER object recording into the StepLog `log`,
+    counts(log) -> (forward, backward, steps at cap))."""
+    InversionKSampler = pack["sampling"].InversionKSampler
     pi = pack["preciseinv"]
-    capped = lambda info: sum(any(step) for step in info.hit_cap)
+    capped = lambda log: sum(any(step) for step in log.hit_cap)  # noqa: E731
+    exact_options = dict(solver="anderson", tolerance=EXACT_TOLERANCE, max_iterations=exact_max_iters)
     return {
-        NAIVE: (lambda: FunctionSampler(lambda d, x, s, cb: naive_inversion(d, x, s)),
-                lambda info: (info.model_calls, 0, 0)),
-        EXACT: (lambda: FunctionSampler(lambda d, x, s, cb: exact_inversion_euler(
-                    d, x, s, solver="anderson", tol=EXACT_TOLERANCE, max_iters=exact_max_iters, callback=cb)),
-                lambda info: (info.model_calls, 0, capped(info))),
-        PI_FAST: (lambda: pi.PreciseInvFunctionSampler(pi.preciseinv_run(1e-2, max_iterations)),
-                  lambda info: (info.model_calls_forward, info.model_calls_backward, capped(info))),
-        PI_PRECISE: (lambda: pi.PreciseInvFunctionSampler(pi.preciseinv_run(1e-5, max_iterations)),
-                     lambda info: (info.model_calls_forward, info.model_calls_backward, capped(info))),
+        NAIVE: (lambda log: InversionKSampler(log.observe(ddim_inversion), {}),
+                lambda log: (log.model_calls, 0, 0)),
+        EXACT: (lambda log: InversionKSampler(log.observe(exact_inversion_euler), exact_options),
+                lambda log: (log.model_calls, 0, capped(log))),
+        PI_FAST: (lambda log: pi.preciseinv_sampler(1e-2 ** 0.5, max_iterations, log=log),
+                  lambda log: (log.model_calls, log.model_calls_backward, capped(log))),
+        PI_PRECISE: (lambda log: pi.preciseinv_sampler(1e-5 ** 0.5, max_iterations, log=log),
+                     lambda log: (log.model_calls, log.model_calls_backward, capped(log))),
     }
 
 
@@ -181,13 +184,14 @@ def comfy_rows(runtime, model_key, cfgs, step_counts, batch, max_iterations, exa
             ascending = pack["sigmas"].inversion_sigmas(model, "simple", steps)
             descending = ascending.flip(0)
             for method, (make, counts) in inverters(pack, max_iterations, exact_max_iters).items():
-                sampler = make()
+                log = StepLog()
+                sampler = make(log)
                 start = time.perf_counter()
                 inverted = run_sampler(model, positive, negative, cfg, x0, sampler, ascending)
                 seconds = time.perf_counter() - start
                 noise = InvertedNoise(model, inverted["samples"]).generate_noise(inverted)
                 regenerated = run_sampler(model, positive, negative, cfg, inverted, euler, descending, noise=noise)
-                forward, backward, at_cap = counts(sampler.last_info)
+                forward, backward, at_cap = counts(log)
                 row = {"part": "comfy", "model": spec["label"], "cfg": cfg, "steps": steps, "method": method,
                        "recon_nmse_db": nmse_db(regenerated["samples"], x0["samples"]),
                        "model_calls_forward": forward, "model_calls_backward": backward,

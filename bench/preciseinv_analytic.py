@@ -5,7 +5,9 @@ model_calls_backward, seconds}: invert x0 along the schedule, regenerate with Co
 arithmetic (same denoiser, same cfg), NMSE to x0 in dB (mean over samples). Models: EPS with the
 SD1.5 "simple" schedule (sigma_max 14.6), flow with a shift-3 schedule ending at sigma = 1.
 CFG 3 mixes two mixtures with the same components and different weights (cfg_denoiser).
-`python bench/preciseinv_analytic.py [--quick]` prints a markdown table.
+Methods: naive (DDIM inversion as the paper's baseline, bench/common.ddim_inversion), PreciseInv at the paper's
+eta 1e-2 and 1e-5 (tolerance sqrt(eta) on the step residual's RMS), exact backward Euler (Anderson,
+tolerance sqrt(1e-5)). `python bench/preciseinv_analytic.py [--quick]` prints a markdown table.
 """
 import os
 import sys
@@ -15,17 +17,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from inversion_ops.common import StepLog, euler_step  # noqa: E402
+from inversion_ops.exact import exact_inversion_euler  # noqa: E402
+from common import ddim_inversion  # noqa: E402
+from inversion_ops.preciseinv import preciseinv  # noqa: E402
 from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
-from inversion_ops.common import euler_step, nmse_db  # noqa: E402
-from inversion_ops.preciseinv import naive_inversion, preciseinv  # noqa: E402
-
-try:  # exact backward Euler (Hong et al. 2024), another module of this pack
-    from inversion_ops.backward_euler import exact_inversion_euler
-except ImportError:  # pragma: no cover
-    exact_inversion_euler = None
+from tests.support.metrics import nmse_db  # noqa: E402
 
 COLUMNS = ("model", "steps", "cfg", "method", "recon_nmse_db", "model_calls_forward",
            "model_calls_backward", "seconds")
+EXACT_MAX_ITERATIONS = 500   # per step, the cap this bench's exact rows have always used
 
 
 def sd_simple_sigmas(steps):
@@ -52,19 +53,25 @@ def sample_euler(denoise, x, sigmas_descending):
 
 
 def methods():
-    out = {
-        "naive": lambda d, x, s: (lambda r: (r[0], r[1].model_calls, 0))(naive_inversion(d, x, s)),
-    }
+    """name -> run(model, x0, sigmas) -> (x_T, forward model calls, backward model calls)."""
+    def run_naive(d, x, s):
+        log = StepLog()
+        x_T = ddim_inversion(d, x, s, callback=log)
+        return x_T, log.model_calls, 0
+    out = {"naive": run_naive}
     for eta in (1e-2, 1e-5):
-        def run_pi(d, x, s, eta=eta):
-            x_T, info = preciseinv(d, x, s, eta=eta)
-            return x_T, info.model_calls_forward, info.model_calls_backward
+        def run_pi(d, x, s, eta=eta):   # the paper's eta bounds the step MSE: tolerance sqrt(eta) on its RMS
+            log = StepLog()
+            x_T = preciseinv(d, x, s, callback=log, tolerance=eta ** 0.5)
+            return x_T, log.model_calls, log.model_calls_backward
         out[f"preciseinv eta {eta:g}"] = run_pi
-    if exact_inversion_euler is not None:
-        def run_exact(d, x, s):   # RMS tolerance sqrt(1e-5) = PreciseInv's eta 1e-5 as an MSE
-            x_T, info = exact_inversion_euler(d, x, torch.tensor(s, dtype=torch.float64), tol=1e-5 ** 0.5)
-            return x_T, info.model_calls, 0
-        out["backward euler (anderson)"] = run_exact
+
+    def run_exact(d, x, s):   # RMS tolerance sqrt(1e-5) = PreciseInv's eta 1e-5 as an MSE
+        log = StepLog()
+        x_T = exact_inversion_euler(d, x, torch.tensor(s, dtype=torch.float64), callback=log,
+                                    tolerance=1e-5 ** 0.5, max_iterations=EXACT_MAX_ITERATIONS)
+        return x_T, log.model_calls, 0
+    out["backward euler (anderson)"] = run_exact
     return out
 
 

@@ -4,7 +4,8 @@ SD3-layout and Flux models running in a real ComfyUI (in-process, CPU, float32, 
 Parts (rows carry "part" and "model"):
   analytic-*  bench/rf_analytic.py (exact model): gamma 0 vs plain, noise statistics, eta sweep
   gamma0      tiny models through the pack's SAMPLERs and run_sampler: gamma 0 forward vs plain ODE
-              inversion, eta 0 reverse vs ComfyUI's own euler (InvertedNoise start), round trip
+              inversion (rf_analytic.plain_ode_inversion, written apart from inversion_ops.rf, run by the
+              pack's InversionKSampler), eta 0 reverse vs ComfyUI's own euler (InvertedNoise start), round trip
   noise       inverted-noise mean / std / kurtosis of a flat colour and a checkerboard latent vs gamma
   eta         distance of the output to the reference latent vs eta (target prompt, gamma 0.5)
   edit        the edit-node defaults: for a grid of gamma / eta / stop, how far the edit moves from
@@ -26,9 +27,9 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import rf_analytic  # noqa: E402
 from common import markdown_table, result_path, write_results  # noqa: E402
+from inversion_ops.rf import controlled_forward, controlled_reverse  # noqa: E402
 from tests.support.analytic import GaussianMixtureDenoiser  # noqa: E402
-from inversion_ops.common import nmse_db  # noqa: E402
-from inversion_ops.rf_inversion import controlled_forward, controlled_reverse  # noqa: E402
+from tests.support.metrics import nmse_db  # noqa: E402
 
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -74,10 +75,11 @@ class AnalyticBackend:
         return self.conds["source"].sample(n, generator=torch.Generator().manual_seed(1)).float()
 
     def invert(self, x, gamma, seed=0):
-        return controlled_forward(self.conds["source"], x, self.up, gamma=gamma, seed=seed)[0]
+        return controlled_forward(self.conds["source"], x, self.up, gamma=gamma, seed=seed)
 
     def regen(self, noise, reference, cond, eta, stop):
-        return controlled_reverse(self.conds[cond], noise, self.down, reference, eta=eta, start=0.0, stop=stop)[0]
+        return controlled_reverse(self.conds[cond], noise, self.down, reference=reference, eta=eta, start=0.0,
+                                  stop=stop)
 
     def fresh(self, n, cond, seed):
         noise = torch.randn(n, *self.shape, generator=torch.Generator().manual_seed(seed))
@@ -116,8 +118,7 @@ class ComfyBackend:
         return self._run("source", x, self.pack["rf"].ControlledFlowSampler("forward", gamma=gamma, seed=seed), self.up)
 
     def invert_plain(self, x):
-        from inversion_ops.rf_inversion import plain_ode_inversion
-        sampler = self.pack["sampling"].FunctionSampler(lambda d, x, s, cb: plain_ode_inversion(d, x, s, callback=cb))
+        sampler = self.pack["sampling"].InversionKSampler(rf_analytic.plain_ode_inversion, {})
         return self._run("source", x, sampler, self.up)
 
     def regen(self, noise, reference, cond, eta, stop):

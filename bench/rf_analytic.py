@@ -1,7 +1,8 @@
 """RF-Inversion on the closed-form flow Gaussian-mixture model: exact model, CPU, seconds.
 
 run(quick) -> list of row dicts, three parts:
-  roundtrip  gamma = 0 forward vs plain ODE inversion, and image -> noise -> image NMSE (eta = 0)
+  roundtrip  gamma = 0 forward vs plain ODE inversion (`plain_ode_inversion` below), and
+             image -> noise -> image NMSE (eta = 0)
   noise      inverted-noise statistics for typical and atypical inputs over gamma, and the
              reconstruction (same model) with eta = 0 and with eta 0.9 on the first quarter
   eta        distance to the reference latent of the output of another mixture (the "edit
@@ -16,10 +17,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from inversion_ops.common import SIGMA_FLOOR, CountedModel, StepLog, check_sigmas, to_d  # noqa: E402
+from inversion_ops.rf import controlled_forward, controlled_reverse  # noqa: E402
 from tests.support.analytic import GaussianMixtureDenoiser  # noqa: E402
-from inversion_ops.common import nmse_db  # noqa: E402
-from inversion_ops.rf_inversion import (controlled_forward, controlled_reverse,  # noqa: E402
-                                        plain_ode_inversion)
+from tests.support.metrics import nmse_db  # noqa: E402
 
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -29,6 +30,22 @@ def flow_schedule(steps, shift=1.0):
     """Ascending flow sigmas 0 -> 1 (exactly), with SD3/Flux-style time shift."""
     t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
     return shift * t / (1 + (shift - 1) * t)
+
+
+def plain_ode_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, sigma_floor=SIGMA_FLOOR):
+    """Plain rectified-flow ODE inversion, the gamma = 0 baseline, written independently of
+    inversion_ops.rf: forward Euler up the ascending sigmas, x += u * dsigma with the velocity
+    u = (x - D)/sigma, the model evaluated at max(sigma, sigma_floor) (sigma = 0 carries no velocity)."""
+    sigmas = check_sigmas(sigmas, unit_interval=True).to(x.device)
+    model = CountedModel(model, extra_args)
+    for i in range(len(sigmas) - 1):
+        sigma_eval = sigmas[i].clamp_min(sigma_floor)
+        denoised = model(x, sigma_eval).to(x.dtype)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_eval, "denoised": denoised,
+                      "model_calls": model.calls})
+        x = x + to_d(x, sigma_eval, denoised) * (sigmas[i + 1] - sigmas[i])  # sample_euler's arithmetic
+    return x
 
 
 def inputs(model, shape, n, seed=1):
@@ -62,31 +79,32 @@ def run(quick: bool = False) -> list:
         down = up.flip(0)
         for name, x0 in data.items():
             t0 = time.perf_counter()
-            plain, _ = plain_ode_inversion(model, x0, up)
-            ctrl, info = controlled_forward(model, x0, up, gamma=0.0, seed=0)
-            back, _ = controlled_reverse(model, ctrl, down, x0, eta=0.0)
+            log = StepLog()
+            plain = plain_ode_inversion(model, x0, up)
+            ctrl = controlled_forward(model, x0, up, callback=log, gamma=0.0, seed=0)
+            back = controlled_reverse(model, ctrl, down, reference=x0, eta=0.0)
             rows.append({"part": "roundtrip", "input": name, "shift": shift, "steps": steps,
                          "gamma0_vs_plain_max_abs": (ctrl - plain).abs().max().item(),
                          "roundtrip_nmse_db": nmse_db(back, x0).mean().item(),
-                         "model_calls": 2 * info.model_calls,
+                         "model_calls": 2 * log.model_calls,
                          "seconds": time.perf_counter() - t0})
 
     up, down = flow_schedule(steps), flow_schedule(steps).flip(0)
     for name, x0 in data.items():
         for gamma in GAMMAS:
-            noise, _ = controlled_forward(model, x0, up, gamma=gamma, seed=0)
-            back, _ = controlled_reverse(model, noise, down, x0, eta=0.0)
-            guided, _ = controlled_reverse(model, noise, down, x0, eta=0.9, start=0.0, stop=0.25)
+            noise = controlled_forward(model, x0, up, gamma=gamma, seed=0)
+            back = controlled_reverse(model, noise, down, reference=x0, eta=0.0)
+            guided = controlled_reverse(model, noise, down, reference=x0, eta=0.9, start=0.0, stop=0.25)
             mean, std, kurt = moments(noise)
             rows.append({"part": "noise", "input": name, "gamma": gamma, "mean": mean, "std": std,
                          "kurtosis": kurt, "eta0_recon_nmse_db": nmse_db(back, x0).mean().item(),
                          "eta0.9_stop0.25_recon_nmse_db": nmse_db(guided, x0).mean().item()})
 
     y0 = data["typical"]
-    noise, _ = controlled_forward(model, y0, up, gamma=0.5, seed=0)
+    noise = controlled_forward(model, y0, up, gamma=0.5, seed=0)
     for stop in (0.25, 1.0):
         for eta in ETAS:
-            out, _ = controlled_reverse(edit, noise, down, y0, eta=eta, start=0.0, stop=stop)
+            out = controlled_reverse(edit, noise, down, reference=y0, eta=eta, start=0.0, stop=stop)
             rows.append({"part": "eta", "reverse_model": "edit mixture", "gamma": 0.5, "stop": stop,
                          "eta": eta, "rms_to_reference": (out - y0).flatten(1).pow(2).mean(1).sqrt().mean().item(),
                          "nmse_to_reference_db": nmse_db(out, y0).mean().item()})

@@ -36,6 +36,7 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma_next):
     return ratio * x - (-h).expm1() * denoised_d
 
 
+@torch.no_grad()
 def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """Naive DDIM / Euler inversion: explicit Euler up the ascending sigmas, exactly what ComfyUI's
     FlipSigmas (a leading 0 becomes 1e-4) + SamplerCustom(euler) computes."""
@@ -50,6 +51,7 @@ def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+@torch.no_grad()
 def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=SOLVER,
                           tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, **solver_options):
     """Exact inversion of ComfyUI's euler / ddim by backward Euler (Hong et al. 2024, Algorithm 1).
@@ -100,7 +102,7 @@ def _dpmpp_2m_pass(model, x, sigmas, previous, pass_index, options, callback):
         else:
             logs = torch.stack([sigma_known, sigma, sigma_prev]).log().cpu()
             points = torch.cat([torch.linspace(logs[0], logs[1], substeps + 1)[:-1],
-                                torch.linspace(logs[1], logs[2], substeps + 1)]).exp().to(sigmas)
+                                torch.linspace(logs[1], logs[2], substeps + 1)]).to(sigmas).exp()
             points[0], points[substeps], points[-1] = sigma_known, sigma, sigma_prev
             path = _fine_naive_path(model, x_known, points)
             guess, old_denoised = path[substeps], model(path[-1], sigma_prev).to(x.dtype)
@@ -116,6 +118,7 @@ def _dpmpp_2m_pass(model, x, sigmas, previous, pass_index, options, callback):
     return states
 
 
+@torch.no_grad()
 def exact_inversion_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=SOLVER,
                              tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, substeps=SUBSTEPS,
                              refine_passes=REFINE_PASSES, refine="anderson", **solver_options):

@@ -74,6 +74,7 @@ def _velocity(model, x, sigma, sigma_floor):
     return to_d(x, sigma_eval, denoised), denoised, sigma_eval
 
 
+@torch.no_grad()
 def controlled_forward(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=GAMMA, seed=0,
                        y1=None, sigma_floor=SIGMA_FLOOR):
     """Controlled forward ODE of RF-Inversion (Rout et al., ICLR 2025, Eq. 8), image -> noise.
@@ -103,6 +104,7 @@ def _guided(denoised, reference, eta_i):
     return denoised if eta_i == 0 else (1 - eta_i) * denoised + eta_i * reference
 
 
+@torch.no_grad()
 def controlled_reverse(model, x, sigmas, extra_args=None, callback=None, disable=None, reference=None, eta=ETA,
                        start=START, stop=STOP, trend="constant"):
     """Controlled reverse ODE of RF-Inversion (Rout et al., ICLR 2025, Eq. 15), noise -> image.
@@ -130,6 +132,7 @@ def _reference(reference, x):
     return reference.to(device=x.device, dtype=x.dtype).expand_as(x)
 
 
+@torch.no_grad()
 def controlled_forward_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=GAMMA, seed=0,
                            y1=None):
     """Controlled forward SDE of RF-Inversion (Rout et al., ICLR 2025, Eq. 10), image -> noise.
@@ -157,6 +160,7 @@ def controlled_forward_sde(model, x, sigmas, extra_args=None, callback=None, dis
     return x
 
 
+@torch.no_grad()
 def controlled_reverse_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, reference=None, eta=ETA,
                            start=START, stop=STOP, trend="constant", seed=0):
     """Controlled reverse SDE of RF-Inversion (Rout et al., ICLR 2025, Eq. 16), noise -> image.
