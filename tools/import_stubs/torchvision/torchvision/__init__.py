@@ -5,4 +5,4 @@ the CPU torch build used in tests. Nothing this pack or its tests run touches to
 This folder is appended to sys.path by a .pth file, so a real torchvision still wins.
 """
 __version__ = "0.0.0+stub"
-from . import models, transforms  # noqa: E402,F401
+from . import models, ops, transforms  # noqa: E402,F401
