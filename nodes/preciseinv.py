@@ -12,6 +12,7 @@ be differentiated.
 import contextlib
 
 import comfy.model_management
+import comfy.model_patcher
 import torch
 from comfy_api.latest import io
 
@@ -34,8 +35,8 @@ _AUTOGRAD_FAILURES = ("does not require grad", "Inference tensors", "derivative 
 
 def _models_of(guider):
     """The ModelPatchers a guider's sampling run uses: the model, then ControlNets and the like."""
-    patcher = getattr(guider, "model_patcher", None)
-    return ([patcher] if patcher is not None else []) + list(getattr(guider, "loaded_models", None) or [])
+    patchers = [getattr(guider, "model_patcher", None), *(getattr(guider, "loaded_models", None) or [])]
+    return [p for p in patchers if isinstance(p, comfy.model_patcher.ModelPatcher)]
 
 
 @contextlib.contextmanager

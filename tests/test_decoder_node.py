@@ -245,4 +245,5 @@ def test_interrupt_stops_the_node_inside_its_loop(decoder_node, trained_vae):
         model_management.interrupt_current_processing(False)
         decoder_hook.remove()
     assert seen == [1], f"no progress after the flag: {seen[:5]}"
-    assert len(decodes) == 2, f"evaluation 0, then one more that stops at its end: {len(decodes)} decodes"
+    # evaluation 0, then at most the one that stops at its end (newer ComfyUI raises in the update itself)
+    assert 1 <= len(decodes) <= 2, f"{len(decodes)} decodes after an interrupt at the first evaluation"

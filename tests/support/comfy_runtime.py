@@ -59,7 +59,7 @@ def tiny_models_dir() -> Path:
         cmd = [comfy_python(), str(REPO / "tests" / "support" / "tiny_models.py"), "--out", str(out)]
         if TRAINED_VAE.exists():
             cmd += ["--trained-vae", str(TRAINED_VAE)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
         (out / ".ready").touch()
     return out

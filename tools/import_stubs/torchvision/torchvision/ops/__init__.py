@@ -2,4 +2,10 @@
 
 
 def __getattr__(name):
-    raise AttributeError(f"torchvision.ops.{name} is unavailable: this is the test runtime's import-only stub")
+    """Any name imports (ComfyUI does `from torchvision.ops import x` at start-up); using it raises."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError(f"torchvision.ops.{name} is unavailable: this is the test runtime's import-only stub")
+    return unavailable

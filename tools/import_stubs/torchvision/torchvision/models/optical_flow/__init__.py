@@ -2,4 +2,10 @@
 
 
 def __getattr__(name):
-    raise AttributeError(f"torchvision.models.optical_flow.{name} is unavailable: this is the test runtime's import-only stub")
+    """Any name imports (ComfyUI does `from torchvision.models.optical_flow import x` at start-up); using it raises."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError(f"torchvision.models.optical_flow.{name} is unavailable: this is the test runtime's import-only stub")
+    return unavailable
