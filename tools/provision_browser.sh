@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the real-browser test needs, kept out of the test venv: ComfyUI's own frontend package
-# (the version ComfyUI 0.3.75 pins) and Python playwright in one --target folder under the
+# (the version the ComfyUI under test pins) and Python playwright in one --target folder under the
 # provisioning cache, plus Debian's chromium at /usr/bin/chromium. Never `playwright install`:
 # it downloads a browser build, which this project's machines cannot fetch.
 # Idempotent: a second run only checks a marker. Progress to stderr; the export line to stdout:
@@ -8,12 +8,14 @@
 set -euo pipefail
 say() { echo "[provision_browser] $*" >&2; }
 
-FRONTEND=comfyui-frontend-package==1.32.9
+# the frontend the ComfyUI under test pins (1.32.9 for 0.3.75, 1.49.6 for 0.33.0)
+FRONTEND=$(grep -hs '^comfyui-frontend-package==' "${COMFYUI_DIR:-}/requirements.txt" || true)
+FRONTEND=${FRONTEND:-comfyui-frontend-package==1.32.9}
 PLAYWRIGHT=playwright==1.65.2
 CHROMIUM=/usr/bin/chromium
 py=${COMFY_PYTHON:-python3}
 
-key=$( (cat "$0"; "$py" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-16)
+key=$( (cat "$0"; echo "$FRONTEND"; "$py" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-16)
 cache=${EXACT_INVERSION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-exact-inversion}
 site=$cache/browser-$key
 mkdir -p "$cache"
