@@ -21,7 +21,7 @@ from ..inversion_ops.decoder import (
     check_inertial_km,
 )
 from .sampling import to_intermediate
-from .ui import convergence_ui
+from .ui import convergence_ui, schema
 
 CATEGORY = "inversion/vae"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -167,8 +167,9 @@ class DecoderInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         t = TOOLTIPS
-        return io.Schema(
+        return schema(
             node_id="DecoderInversion",
+            search_aliases=["exact vae encode", "decoder inversion", "image to latent exact", "encode without loss"],
             display_name="Decoder Inversion (VAE Encode, exact)",
             category=CATEGORY,
             description=DESCRIPTION,

@@ -11,7 +11,7 @@ from ..inversion_ops.solvers import SOLVERS
 from .sampling import (CATEGORY, InversionKSampler, InvertedNoise as InvertedNoiseObject, check_invertible_sampler,
                        check_latent_channels, invert_whole_latent, inversion_node_inputs, round_trip_recipe)
 from .sigmas import inversion_sigmas
-from .ui import convergence_ui
+from .ui import convergence_ui, schema
 
 EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler, "dpmpp_2m": exact.exact_inversion_dpmpp_2m}
 ROUND_TRIP_RECIPE = round_trip_recipe()
@@ -64,8 +64,9 @@ def _tolerance_input():
 class ExactInversionSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ExactInversionSampler",
+            search_aliases=["backward euler", "unsampler", "inversion sampler", "exact inversion"],
             display_name="Exact Inversion Sampler",
             category=f"{CATEGORY}/samplers",
             description=(
@@ -93,8 +94,9 @@ class ExactInversionSampler(io.ComfyNode):
 class NaiveInversionSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="NaiveInversionSampler",
+            search_aliases=["ddim inversion", "unsampler", "flip sigmas euler"],
             display_name="Naive Inversion Sampler (baseline)",
             category=f"{CATEGORY}/samplers",
             description=(
@@ -113,8 +115,9 @@ class NaiveInversionSampler(io.ComfyNode):
 class InvertLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InvertLatent",
+            search_aliases=["unsample", "ddim inversion", "latent to noise", "reverse sampling", "exact inversion"],
             display_name="Invert Latent",
             category=CATEGORY,
             description=(
@@ -155,8 +158,9 @@ class InvertLatent(io.ComfyNode):
 class InvertedNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InvertedNoise",
+            search_aliases=["noise from latent", "inverted noise"],
             display_name="Inverted Noise",
             category=CATEGORY,
             description=(

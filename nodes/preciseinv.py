@@ -21,7 +21,7 @@ from ..inversion_ops.common import StepLog
 from .sampling import (CATEGORY, InversionKSampler, check_invertible_sampler, check_latent_channels,
                        invert_whole_latent, inversion_node_inputs, round_trip_recipe)
 from .sigmas import inversion_sigmas
-from .ui import convergence_ui
+from .ui import convergence_ui, schema
 
 ROUND_TRIP_RECIPE = round_trip_recipe("the euler (or ddim) sampler")
 
@@ -162,8 +162,9 @@ def _max_iterations_input():
 class PreciseInvSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PreciseInvSampler",
+            search_aliases=["preciseinv", "few-step inversion", "lcm inversion", "turbo inversion"],
             display_name="PreciseInv Sampler",
             category=f"{CATEGORY}/samplers",
             description=(
@@ -190,8 +191,9 @@ class PreciseInvSampler(io.ComfyNode):
 class PreciseInvInvertLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PreciseInvInvertLatent",
+            search_aliases=["preciseinv", "few-step inversion", "lcm inversion", "turbo inversion"],
             display_name="PreciseInv Invert Latent",
             category=CATEGORY,
             description=(

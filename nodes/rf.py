@@ -14,7 +14,7 @@ from ..inversion_ops import rf as ops
 from ..inversion_ops.common import StepLog
 from .sampling import CATEGORY, InversionKSampler, check_latent_channels, run_sampler
 from .sigmas import inversion_sigmas
-from .ui import convergence_ui
+from .ui import convergence_ui, schema
 
 MODES = ("ode", "sde")
 FUNCTIONS = {("forward", "ode"): ops.controlled_forward, ("forward", "sde"): ops.controlled_forward_sde,
@@ -117,8 +117,9 @@ def _seed_input(what):
 class RFForwardSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="RFForwardSampler",
+            search_aliases=["rf inversion", "rectified flow inversion", "flux inversion", "sd3 inversion"],
             display_name="RF Forward Sampler (invert)",
             category=f"{CATEGORY}/rf_inversion",
             description=(
@@ -145,8 +146,9 @@ class RFForwardSampler(io.ComfyNode):
 class RFReverseSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="RFReverseSampler",
+            search_aliases=["rf inversion", "rectified flow edit", "flux edit", "sd3 edit"],
             display_name="RF Reverse Sampler (edit)",
             category=f"{CATEGORY}/rf_inversion",
             description=(
@@ -208,8 +210,9 @@ class RFInversionEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         d = ops.EDIT_DEFAULTS
-        return io.Schema(
+        return schema(
             node_id="RFInversionEdit",
+            search_aliases=["rf inversion", "flux edit", "sd3 edit", "image edit", "rectified flow edit"],
             display_name="RF-Inversion Edit",
             category=f"{CATEGORY}/rf_inversion",
             description=(

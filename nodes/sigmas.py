@@ -3,6 +3,8 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
+from .ui import schema
+
 CATEGORY = "inversion"
 
 
@@ -26,8 +28,9 @@ def inversion_sigmas(model, scheduler, steps, denoise=1.0):
 class InversionSigmas(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InversionSigmas",
+            search_aliases=["flip sigmas", "reverse sigmas", "ascending sigmas"],
             display_name="Inversion Sigmas",
             category=f"{CATEGORY}/sigmas",
             description=(

@@ -1,11 +1,25 @@
-"""The `ui` record every inversion node returns, which web/ draws as a convergence curve.
+"""What the user sees of a node: its schema (`schema`, with search aliases where ComfyUI has them) and the
+`ui` record every inversion node returns, which web/ draws as a convergence curve.
 
 ui["inversion_convergence"] is a list with one curve record:
   {"title": str, "x_label": str, "y_label": str, "log": bool,
    "series": [[float, ...] per sample], "final": [float per sample], "summary": str}
 ComfyUI sends it to the frontend with the node's `executed` message and keeps it in /history.
 """
+import dataclasses
 import math
+
+from comfy_api.latest import io
+
+# Schema fields that newer ComfyUI has and 0.3.75 refuses (an unknown keyword breaks the node).
+SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def schema(search_aliases=(), **fields):
+    """io.Schema with the node search's aliases where this ComfyUI supports them."""
+    if "search_aliases" in SCHEMA_FIELDS:
+        fields["search_aliases"] = list(search_aliases)
+    return io.Schema(**fields)
 
 
 def _clean(v):

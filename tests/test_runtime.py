@@ -136,3 +136,15 @@ def test_twenty_queued_prompts_succeed_without_memory_growth(comfy_server):
         assert result.capture(f"queue_{i}")["sigmas"].shape == (3 + i,)
         rss[i] = comfy_server.rss_bytes()
     assert rss[20] <= 1.10 * rss[5], f"RSS grew from {rss[5] >> 20} MiB to {rss[20] >> 20} MiB"
+
+
+def test_nodes_offer_search_aliases_where_comfyui_supports_them(comfy, comfy_server):
+    import dataclasses
+
+    from comfy_api.latest import io
+    supported = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}   # 0.33 yes, 0.3.75 no
+    info = comfy_server.get_json("/object_info/InvertLatent")["InvertLatent"]
+    if supported:
+        assert "unsample" in info.get("search_aliases", []), info
+    else:
+        assert "search_aliases" not in info
