@@ -173,12 +173,47 @@ def worker(config_path, out_path):
     json.dump(res, open(out_path, "w"), default=float)
 
 
-def run_worker(cfg, tmp):
+def memory_worker(config_path, out_path):
+    """Peak memory at 1024 px of VAE Encode (ComfyUI's own, batching and all) or of one decoder-inversion
+    method (a few iterations are enough: every iteration allocates the same), above the level with the
+    model loaded and nothing run: what a user's card must hold beyond the weights."""
+    torch.set_num_threads(1)
+    cfg = json.load(open(config_path))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = build_vae(cfg["model"])
+    model = vae.first_stage_model.to(device=device, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    image = torch.nn.functional.interpolate(load_photos(256, 1), size=cfg["size"], mode="bicubic").clamp(0, 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    start = time.perf_counter()
+    with torch.no_grad():
+        if cfg["method"] == "vae_encode":
+            vae.encode(image.permute(0, 2, 3, 1))
+        else:
+            from inversion_ops.decoder import METHODS
+            x = (image * 2 - 1).to(device)
+            METHODS[cfg["method"]](model.encode, model.decode, x, max_iterations=cfg["max_iterations"],
+                                   tolerance=0.0, dtype=torch.float32)
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" \
+        else (_status_kb("VmHWM") - base) / 1024
+    json.dump(dict(model=cfg["model"], size=cfg["size"], label=cfg["method"], peak_mem_mb=peak_mb,
+                   seconds=time.perf_counter() - start), open(out_path, "w"))
+
+
+def run_worker(cfg, tmp, flag="--worker"):
     cfg_path = os.path.join(tmp, "cfg.json")
     out_path = os.path.join(tmp, "out.json")
     json.dump(cfg, open(cfg_path, "w"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path, out_path],
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag, cfg_path, out_path],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{cfg['model']} {cfg['label']} failed:\n{proc.stderr[-3000:]}")
@@ -216,6 +251,23 @@ def summarise(rows):
             bf16_minus_fp32_db=by["forward_step bf16"]["nmse_z_db"] - by["forward_step"]["nmse_z_db"],
         )
     return out
+
+
+MEMORY_SIZE = 1024
+
+
+def memory_at_1024(tmp_root=None):
+    """Peak memory of VAE Encode and of forward_step (3 iterations) on one 1024 px image, trained tiny TAESD."""
+    out = {}
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+        for method in ("vae_encode", "forward_step"):
+            cfg = dict(model="tiny_taesd_trained", size=MEMORY_SIZE, method=method, max_iterations=3)
+            out[method] = run_worker(cfg, tmp, flag="--memory-worker")
+            print(f"{MEMORY_SIZE} px {method:12s} +{out[method]['peak_mem_mb']:.0f} MiB "
+                  f"{out[method]['seconds']:.1f} s", flush=True)
+    return dict(size=MEMORY_SIZE, vae_encode_peak_mb=out["vae_encode"]["peak_mem_mb"],
+                forward_step_peak_mb=out["forward_step"]["peak_mem_mb"],
+                peak_ratio_vs_vae_encode=out["forward_step"]["peak_mem_mb"] / max(out["vae_encode"]["peak_mem_mb"], 1e-9))
 
 
 def plot(rows, path):
@@ -261,7 +313,10 @@ def main(quick=False):
                 rows.append(r)
                 print(f"{model:20s} {label:18s} NMSE {r['nmse_z_db']:7.2f} dB  PSNR {r['psnr_db']:6.2f} dB  "
                       f"{r['seconds']:7.2f} s  it {r['iterations']:3d}  +{r['peak_mem_mb']:.1f} MiB", flush=True)
+    memory = memory_at_1024(tmp_root=None)
     summary = summarise(rows)
+    summary["memory_1024"] = memory
+    summary["peak_ratio_vs_vae_encode_1024"] = memory["peak_ratio_vs_vae_encode"]
     headline = summary["tiny_taesd_trained"]
     summary.update({k: headline[k] for k in ("speedup_vs_gradient", "memory_ratio_vs_gradient",
                                              "nmse_gain_db_vs_encoder", "fp16_minus_fp32_db")})
@@ -274,7 +329,8 @@ def main(quick=False):
              f"{s['models']['kl_f8_ch32_random']} px: reduced width and size so the suite fits ~15 min "
              f"on this CPU. Up to {s['max_iterations']} iterations; gradient-free methods stop at residual RMS "
              f"{TOLERANCE:g} (the node's default); the latent is float32 whatever dtype the VAE runs in. "
-             f"Memory = peak RSS above the loaded level, per fresh process. "
+             f"Memory = peak RSS above the loaded level, per fresh process; memory_1024: one 1024 px image, "
+             f"VAE Encode against forward_step, above the level with the model loaded (no warm-up). "
              f"Models: {json.dumps(notes_models)}. Suite wall time {time.time() - start:.0f} s.")
     write_results("decoder", rows, summary, quick, notes)
     plot(rows, result_path("decoder", "png", quick))
@@ -282,7 +338,7 @@ def main(quick=False):
     print(markdown_table(rows, COLUMNS))
     print()
     print(markdown_table([dict(model=m, **{k: v for k, v in d.items() if not isinstance(v, dict)})
-                          for m, d in summary.items() if isinstance(d, dict)],
+                          for m, d in summary.items() if isinstance(d, dict) and "speedup_vs_gradient" in d],
                          ["model", "speedup_vs_gradient", "memory_ratio_vs_gradient", "memory_ratio_method",
                           "nmse_gain_db_vs_encoder", "best_grad_free_nmse", "fp16_minus_fp32_db", "bf16_minus_fp32_db"]))
     return summary
@@ -291,5 +347,7 @@ def main(quick=False):
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         worker(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
+        memory_worker(sys.argv[2], sys.argv[3])
     else:
         main(os.environ.get("QUICK", "") not in ("", "0"))

@@ -127,6 +127,24 @@ class StepLog:
                                                 for k, v in raw.items()}})
         return self._records
 
+    @classmethod
+    def join(cls, logs):
+        """The logs of runs over consecutive parts of a batch as one log: record k holds each run's
+        record k side by side (a run that stopped sooner repeats its last record); calls add up."""
+        joined, logs = cls(), [log for log in logs if log.records]
+        for k in range(max((len(log.records) for log in logs), default=0)):
+            record = {}
+            for log in logs:
+                for key, value in log.records[min(k, len(log.records) - 1)].items():
+                    if isinstance(value, list):
+                        record.setdefault(key, []).extend(value)
+                    else:
+                        record.setdefault(key, value)
+            joined._records.append(record)
+        joined.model_calls = sum(log.model_calls for log in logs)
+        joined.model_calls_backward = sum(log.model_calls_backward for log in logs)
+        return joined
+
     def series(self, key, last_pass=False):
         """Per-record lists of per-sample values of `key`; last_pass: only the final pass's records."""
         records = self.records

@@ -5,6 +5,7 @@ Images: 64 px crops of held-out photos (tests/data/README.md), never seen in the
 "Decodable" targets x = D(E(photo)) are images the decoder can produce exactly, so the true latent
 z0 = E(photo) is known and NMSE_z is measurable, as in the paper's evaluation.
 """
+import copy
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,35 @@ def test_interrupt_stops_the_node_inside_its_loop(decoder_node, trained_vae):
     assert seen == [1], f"no progress after the flag: {seen[:5]}"
     # evaluation 0, then at most the one that stops at its end (newer ComfyUI raises in the update itself)
     assert 1 <= len(decodes) <= 2, f"{len(decodes)} decodes after an interrupt at the first evaluation"
+
+
+def test_auto_precision_is_float32_whatever_the_vae_dtype(decoder_node, trained_vae):
+    # fp16 and bf16 VAEs end 5 and 24 dB worse than fp32 (bench/results/decoder.quick.json): auto must not pick them
+    for vae_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        vae = copy.copy(trained_vae)
+        vae.vae_dtype = vae_dtype
+        assert decoder_node.resolve_precision(vae, "forward_step", "auto") == torch.float32
+
+
+def test_batch_split_into_single_image_runs_equals_one_run(decoder_node, trained_vae, decodable):
+    # what a GPU short of memory does (images per run chosen by free memory, as VAE Encode does):
+    # the per-image iterations are independent, so only batched-convolution rounding may differ
+    _, x = decodable
+    z_one_run, log = invert(decoder_node, trained_vae, x, "forward_step", max_iterations=5, images_per_run=len(x))
+    z_split, log_split = invert(decoder_node, trained_vae, x, "forward_step", max_iterations=5, images_per_run=1)
+    torch.testing.assert_close(z_split, z_one_run, rtol=0, atol=1e-5)
+    assert last(log_split, "iterations") == last(log, "iterations") and log_split.model_calls == 3 * log.model_calls
+
+
+def test_tiled_inversion_beats_the_encoder(decoder_node, trained_vae):
+    # the out-of-memory fallback: overlapping tiles inverted on their own, blended as VAE Encode blends its
+    # tiles. Seams cost accuracy against the whole image; the tiles must still beat the plain encoder.
+    with torch.inference_mode():
+        z0 = trained_vae.encode(load_photos(size=128)[:1])
+        x = quantise(trained_vae.decode(z0))
+    whole, _ = invert(decoder_node, trained_vae, x, "forward_step", max_iterations=10)
+    tiled, log = invert(decoder_node, trained_vae, x, "forward_step", max_iterations=10, tile=64)
+    encoder, _ = invert(decoder_node, trained_vae, x, "encoder")
+    assert len(last(log, "iterations")) == 9   # 3 x 3 tiles of 64 px, 16 px overlap, over 128 px
+    print("NMSE to z0: whole", nmse_db(whole, z0), "tiled", nmse_db(tiled, z0), "encoder", nmse_db(encoder, z0))
+    assert nmse_db(tiled, z0) < nmse_db(encoder, z0) - 10   # measured: whole -60, tiles -49, encoder -29 dB
