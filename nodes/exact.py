@@ -57,8 +57,8 @@ def _max_iterations_input():
 def _tolerance_input():
     return io.Float.Input("tolerance", default=exact.TOLERANCE, min=1e-7, max=1.0, step=1e-6, round=False,
                           tooltip="Stop a step when the RMS per latent element of Step(x) - x_known is "
-                                  "below this (in the sampler's latent units). 1e-4 suits float32; use "
-                                  "~1e-2 in float16.")
+                                  "below this (in the sampler's latent units). For a 16-bit model it is "
+                                  "raised to what its rounding lets a step reach (fp16 3e-4, bf16 2e-3).")
 
 
 class ExactInversionSampler(io.ComfyNode):

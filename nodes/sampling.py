@@ -10,6 +10,8 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
+from ..inversion_ops.common import reachable_tolerance
+
 CATEGORY = "inversion"
 
 # ComfyUI sampler names whose update is deterministic and has an inverse here. "ddim" runs
@@ -119,8 +121,10 @@ class _InterruptibleModel:
 
 class InversionKSampler(comfy.samplers.KSAMPLER):
     """ComfyUI's KSAMPLER for an inversion function, `InversionKSampler(fn, options)`: previews,
-    progress, masks and wrappers as usual; it differs only in the flow sigma = 1 ends, and in checking
-    the interrupt at every model call and every step (some steps call no model)."""
+    progress, masks and wrappers as usual. It differs in the flow sigma = 1 ends, in checking the
+    interrupt at every model call and every step (some steps call no model), and in raising a
+    `tolerance` option to what the model's compute dtype can reach (a 16-bit model's rounding sets a
+    floor under the residual; below it every step would run to its cap)."""
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -128,8 +132,21 @@ class InversionKSampler(comfy.samplers.KSAMPLER):
             comfy.model_management.throw_exception_if_processing_interrupted()
             if callback is not None:
                 callback(*args)
-        return super().sample(_InterruptibleModel(model_wrap), sigmas, extra_args, on_step, noise, latent_image,
-                              denoise_mask, disable_pbar)
+        run = self
+        if "tolerance" in self.extra_options:   # a new KSAMPLER for this run: this object is shared
+            tolerance = reachable_tolerance(self.extra_options["tolerance"], compute_dtype(model_wrap.inner_model))
+            run = comfy.samplers.KSAMPLER(self.sampler_function, {**self.extra_options, "tolerance": tolerance})
+        return comfy.samplers.KSAMPLER.sample(run, _InterruptibleModel(model_wrap), sigmas, extra_args, on_step,
+                                              noise, latent_image, denoise_mask, disable_pbar)
+
+
+def compute_dtype(base_model):
+    """The dtype a ComfyUI model computes in: its manual-cast dtype where it has one (fp8 weights, say),
+    else its weights' dtype; float32 for anything else that samples."""
+    dtype = getattr(base_model, "manual_cast_dtype", None)
+    if dtype is None and hasattr(base_model, "get_dtype"):
+        dtype = base_model.get_dtype()
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def run_sampler(model, positive, negative, cfg, latent, sampler, sigmas, noise=None, seed=0):

@@ -375,3 +375,13 @@ def test_inversion_sampler_refuses_descending_sigmas(comfy):
     result = comfy.run(g.prompt)
     assert not result.ok
     assert "sigmas" in result.error and "Inversion Sigmas" in result.error
+
+
+def test_tolerance_is_raised_only_for_a_16_bit_model(comfy):
+    sampling = comfy.pack_module("nodes.sampling")
+    common = comfy.pack_module("inversion_ops.common")
+    model = _load(comfy, "tiny_sd15_eps.safetensors")
+    assert sampling.compute_dtype(model.model) == torch.float32   # --cpu loads the tiny UNet in fp32
+    assert common.reachable_tolerance(1e-4, sampling.compute_dtype(model.model)) == 1e-4
+    assert common.reachable_tolerance(1e-4, torch.bfloat16) == common.TOLERANCE_FLOOR[torch.bfloat16]
+    assert common.reachable_tolerance(1e-2, torch.float16) == 1e-2   # a looser request stands

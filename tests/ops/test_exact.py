@@ -170,3 +170,22 @@ def test_naive_inversion_matches_flipsigmas_plus_comfyui_euler(comfy_sampling):
     model = lambda x, sigma, **kwargs: denoise(x, sigma)
     ours = be.naive_inversion(denoise, image, sigmas.float().flip(0))
     assert torch.equal(ours, comfy_sampling.sample_euler(model, image, flipped, disable=True))
+
+
+def bf16_rounded(denoise):
+    """The model as a bf16 network sees it: input and output carry bfloat16's rounding."""
+    return lambda x, sigma: denoise(x.to(torch.bfloat16).to(x.dtype), sigma).to(torch.bfloat16).to(x.dtype)
+
+
+def test_tolerance_raised_to_the_bf16_floor_is_reached_without_running_to_the_cap():
+    from inversion_ops.common import reachable_tolerance
+    denoise, sigmas, noise = make_case("eps", cfg=5.0, steps=4, batch=2)
+    model = bf16_rounded(denoise)
+    image = sample_euler(model, noise.float(), sigmas.float())
+    _, below = run(be.exact_inversion_euler, model, image, sigmas.float().flip(0), tolerance=1e-4)
+    raised = reachable_tolerance(1e-4, torch.bfloat16)
+    _, floor = run(be.exact_inversion_euler, model, image, sigmas.float().flip(0), tolerance=raised)
+    # measured floor ~5e-4 RMS: 1e-4 cannot be reached, so steps run until the solver gives up
+    assert any(any(capped) for capped in below.hit_cap)
+    assert not any(any(capped) for capped in floor.hit_cap)
+    assert 2 * floor.model_calls < below.model_calls
