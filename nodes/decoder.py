@@ -74,7 +74,8 @@ def resolve_precision(vae, method, precision):
 
 
 def prepare_pixels(vae, image):
-    """IMAGE (B, H, W, C) in [0, 1] -> the model's input (B, C, H, W), cropped as VAE Encode crops."""
+    """IMAGE (B, H, W, C) in [0, 1] -> the model's input, cropped as VAE Encode crops: (B, C, H, W) for an
+    image VAE; for a video VAE the frames are one clip, (1, C, T, H, W), as VAE Encode makes them."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image must be an IMAGE batch (B, H, W, 3), got {shape}")
@@ -84,7 +85,10 @@ def prepare_pixels(vae, image):
     if cropped.shape[1] == 0 or cropped.shape[2] == 0:
         raise ValueError(f"image is {image.shape[2]}x{image.shape[1]} px, smaller than this VAE's "
                          f"downscale factor {vae.spacial_compression_encode()}")
-    return vae.process_input(cropped.movedim(-1, 1))
+    pixels = cropped.movedim(-1, 1)
+    if getattr(vae, "latent_dim", 2) == 3:
+        pixels = pixels.unsqueeze(2) if getattr(vae, "not_video", False) else pixels.movedim(1, 0).unsqueeze(0)
+    return vae.process_input(pixels)
 
 
 def _model_in(vae, dtype, autograd):
@@ -131,8 +135,8 @@ def invert_image(vae, image, method=METHOD, max_iterations=MAX_ITERATIONS, step_
     as it came. Like VAE Encode, the batch is split by free memory, and a run that still runs out of
     memory is redone in overlapping tiles of `TILE` pixels. images_per_run and tile force either."""
     vae.throw_exception_if_invalid()
-    if getattr(vae, "latent_dim", 2) != 2:
-        raise ValueError("vae: decoder inversion supports image VAEs (2-D latents), not video or audio VAEs")
+    if getattr(vae, "latent_dim", 2) not in (2, 3):
+        raise ValueError("vae: decoder inversion supports image and video VAEs, not audio VAEs (1-D latents)")
     options = method_options(method, max_iterations, step_size, momentum, tolerance)
     dtype = resolve_precision(vae, method, precision)
     pixels = prepare_pixels(vae, image)
@@ -146,6 +150,9 @@ def invert_image(vae, image, method=METHOD, max_iterations=MAX_ITERATIONS, step_
             z = torch.cat([run(pixels[k:k + batch]) for k in range(0, pixels.shape[0], batch)])
             return to_intermediate(z), StepLog.join(run.logs)
         except comfy.model_management.OOM_EXCEPTION:
+            if pixels.ndim == 5:
+                raise RuntimeError("Decoder Inversion ran out of memory on this video: invert fewer frames or "
+                                   "a smaller size (video is not tiled)") from None
             logging.warning("Decoder Inversion ran out of memory: retrying in tiles of %d px", TILE)
     tile = tile or TILE
     overlap = min(TILE_OVERLAP, tile // 4)
@@ -184,7 +191,8 @@ def _images_per_run(vae, pixels, dtype):
     need (decode and encode run one after the other, so the larger of ComfyUI's two estimates)."""
     ratio = vae.spacial_compression_encode()
     one_image = (1, *pixels.shape[1:])
-    one_latent = (1, vae.latent_channels, pixels.shape[2] // ratio, pixels.shape[3] // ratio)
+    frames = (1,) if pixels.ndim == 5 else ()   # ComfyUI's video estimates scale with H and W only
+    one_latent = (1, vae.latent_channels, *frames, pixels.shape[-2] // ratio, pixels.shape[-1] // ratio)
     need = max(vae.memory_used_encode(one_image, dtype), vae.memory_used_decode(one_latent, dtype))
     comfy.model_management.load_models_gpu([vae.patcher], memory_required=need, force_full_load=True)
     return max(1, int(comfy.model_management.get_free_memory(vae.device) // max(1, need)))

@@ -58,11 +58,15 @@ def inversion_node_inputs(sampler_tooltip):
 
 
 def check_latent_channels(model, samples, input_name="latent"):
-    expected = model.get_model_object("latent_format").latent_channels
-    if samples.ndim != 4 or samples.shape[1] != expected:
+    """The latent must have this model's channels and dims: (B, C, H, W) for image models, (B, C, T, H, W)
+    for video models (their latent format says how many latent dimensions they have)."""
+    latent_format = model.get_model_object("latent_format")
+    expected, dims = latent_format.latent_channels, getattr(latent_format, "latent_dimensions", 2)
+    layout = "(B, {c}, H, W)" if dims == 2 else "(B, {c}, T, H, W)"
+    if samples.ndim != 2 + dims or samples.shape[1] != expected:
         raise ValueError(f"{input_name} has shape {tuple(samples.shape)}, but this model works on "
-                         f"{expected}-channel latents (B, {expected}, H, W): encode the image with this "
-                         f"model's VAE.")
+                         f"{expected}-channel latents {layout.format(c=expected)}: encode the image or video "
+                         f"with this model's VAE.")
     if not torch.isfinite(samples).all():
         raise ValueError(f"{input_name} contains NaN or infinite values.")
 

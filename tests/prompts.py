@@ -31,6 +31,7 @@ class Node:
 SD15 = {"width": 768, "pooled_width": 0}
 SD3 = {"width": 4096, "pooled_width": 2048}
 FLUX = {"width": 64, "pooled_width": 32}
+WAN21 = {"width": 4096, "pooled_width": 0}
 
 
 def random_conditioning(graph, family, seed=0, batch=1, tokens=8, scale=1.0):

@@ -26,6 +26,7 @@ SD15_CONTEXT_DIM = 768     # conditioning width the tiny SD1.5 UNet expects
 SD3_CONTEXT_DIM = 4096     # what ComfyUI's SD3 text encoders produce
 SD3_POOLED_DIM = 2048
 FLUX_CONTEXT_DIM = 64
+WAN21_CONTEXT_DIM = 4096   # umt5-xxl's width
 FLUX_POOLED_DIM = 32
 
 SD15_UNET_CONFIG = {
@@ -41,6 +42,11 @@ SD3_MMDIT_CONFIG = {   # depth is read back as hidden // 64 by ComfyUI's detecti
     "adm_in_channels": SD3_POOLED_DIM, "pos_embed_max_size": 32, "pos_embed_scaling_factor": None,
     "context_embedder_config": {"target": "torch.nn.Linear",
                                 "params": {"in_features": SD3_CONTEXT_DIM, "out_features": 128}},
+}
+WAN21_CONFIG = {   # detection reads heads as dim // 128, layers and widths from the weights' shapes
+    "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 128,
+    "ffn_dim": 256, "freq_dim": 256, "text_dim": WAN21_CONTEXT_DIM, "out_dim": 16, "num_heads": 1,
+    "num_layers": 1, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
 }
 FLUX_CONFIG = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": FLUX_POOLED_DIM,
@@ -93,6 +99,22 @@ def sd15_unet_state_dict(seed=SEED):
 def sd3_mmdit_state_dict(seed=SEED):
     import comfy.supported_models as sm
     return _model_state_dict(sm.SD3, SD3_MMDIT_CONFIG, seed + 3)
+
+
+def wan21_state_dict(seed=SEED):
+    """A Wan 2.1 T2V video model (flow, 3-D latents), 0.9M parameters, detected by UNETLoader."""
+    import comfy.supported_models as sm
+    return _model_state_dict(sm.WAN21_T2V, WAN21_CONFIG, seed + 21)
+
+
+def wan21_vae_state_dict(seed=SEED):
+    """A Wan 2.1 video VAE (causal 3-D, 16 latent channels, 8x space and 4x time) at width 8 instead of
+    96; ComfyUI's VAE loader reads the width back from the weights."""
+    import comfy.ldm.wan.vae
+    model = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                     temperal_downsample=[False, True, True], dropout=0.0)
+    _seeded_init(model, seed + 22)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
 def tiny_flux_model(seed=SEED):
@@ -154,6 +176,8 @@ def build_model_files(models_dir, trained_vae=None):
     sd3 = sd3_mmdit_state_dict()
     save(_strip(sd15, "model.diffusion_model."), "unet", "tiny_sd15_eps.safetensors")
     save(_strip(sd3, "model.diffusion_model."), "unet", "tiny_sd3_flow.safetensors")
+    save(_strip(wan21_state_dict(), "model.diffusion_model."), "unet", "tiny_wan21_flow.safetensors")
+    save(wan21_vae_state_dict(), "vae", "tiny_wan21_vae.safetensors")
     # Checkpoints carry a VAE under first_stage_model.; the TAESD layout is auto-detected there.
     save({**sd15, **{"first_stage_model." + k: v for k, v in taesd[4].items()}},
          "checkpoints", "tiny_sd15.safetensors")
