@@ -24,7 +24,9 @@ why the random UNet's photo latents cannot be inverted by any method here.
 Conditioning: seeded random tensors (no text encoder); a model call at cfg > 1 is one batched
 cond + uncond pass. Writes bench/results/preciseinv.json (or .quick.json) and a .png.
 """
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import preciseinv_analytic  # noqa: E402
@@ -217,7 +220,7 @@ def analytic_rows(quick):
 
 
 def pick(rows, model, cfg, steps, method):
-    return next((r for r in rows if r["model"] == model and r["cfg"] == cfg and r["steps"] == steps
+    return next((r for r in rows if r["model"] == model and r.get("cfg") == cfg and r.get("steps") == steps
                  and r.get("method") == method), None)
 
 
@@ -259,6 +262,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in rows if "method" in r]
+    rows = [r for r in rows if "cfg" in r]   # the memory rows have no curve
     panels = sorted({(r["model"], r["cfg"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     for ax, (model, cfg) in zip(axes[0], panels):
@@ -278,6 +282,64 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+MEMORY_LATENT = 32   # latent side for the memory rows: 256 px images for the tiny SD1.5 layout
+
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+def memory_worker(method, out_path):
+    """Peak memory of plain euler sampling, or of PreciseInv inverting, 4 steps on the tiny SD1.5-layout
+    model at 256 px, weights included: above the level of a running ComfyUI before the model loads
+    (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated)."""
+    import math
+
+    from tests.support.comfy_runtime import InProcessComfy
+    runtime = InProcessComfy(tempfile.mkdtemp(prefix="bench_preciseinv_mem_"))
+    torch.set_num_threads(1)
+    import comfy.model_management
+    import comfy.samplers
+    sampling, pi = runtime.pack_module("nodes.sampling"), runtime.pack_module("nodes.preciseinv")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with torch.inference_mode():
+        model = runtime.nodes.UNETLoader().load_unet(MODELS["sd15"]["unet"], "default")[0]
+        cond = conditioning(MODELS["sd15"]["width"], 0, 1, 1)
+        latent = {"samples": torch.randn(1, 4, MEMORY_LATENT, MEMORY_LATENT, generator=torch.Generator().manual_seed(0))}
+        start = time.perf_counter()
+        if method == "sampling":
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 4).cpu()
+            sampling.run_sampler(model, cond, cond, 1.0, latent, comfy.samplers.ksampler("euler"), sigmas,
+                                 noise=torch.zeros_like(latent["samples"]))
+        else:
+            pi.invert_latent(model, cond, cond, latent, "euler", "simple", 4, 1.0, math.sqrt(1e-5), 10)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (_status_kb("VmHWM") - base) / 1024
+    json.dump({"method": method, "peak_mem_mb": peak, "seconds": time.perf_counter() - start}, open(out_path, "w"))
+
+
+def memory_rows():
+    """Plain sampling and PreciseInv, each in a fresh process (peak memory is per process)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("sampling", "preciseinv"):
+            out = os.path.join(tmp, f"{method}.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-worker", method, out], check=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")])})
+            r = json.load(open(out))
+            rows.append(dict(part="memory", model=MODELS["sd15"]["label"], size_px=8 * MEMORY_LATENT, **r))
+            print(f"memory {method}: +{r['peak_mem_mb']:.0f} MiB ({r['seconds']:.1f} s)", flush=True)
+    return rows
 
 
 def main(quick: bool = False):
@@ -311,7 +373,10 @@ def main(quick: bool = False):
                                                   and r["model"] == MODELS[key]["label"]), flush=True)
         for key, (cfgs, step_counts, batch, max_iterations, exact_max_iters) in plan.items():
             rows += comfy_rows(runtime, key, cfgs, step_counts, batch, max_iterations, exact_max_iters, log)
+    rows += memory_rows()
     summary = summarise(rows)
+    memory = {r["method"]: r["peak_mem_mb"] for r in rows if r["part"] == "memory"}
+    summary["preciseinv_peak_ratio_vs_sampling"] = memory["preciseinv"] / memory["sampling"]
     notes = ("CPU, float32, torch.set_num_threads(1), shared machine (wall seconds include contention). "
              "Tiny models have random weights: images are meaningless, round-trip exactness is what is "
              "measured. PreciseInv max_iterations per step: " +
@@ -323,10 +388,12 @@ def main(quick: bool = False):
              "regenerated latent against its decode of x0, cfg 1 (suffix _cfg3: cfg 3; _photo: x0 = photos "
              "encoded, PSNR against the photo, the paper's protocol). Paper anchor +5.31 dB (SD1.4, T=2: "
              "25.93 vs 20.62 against the photo). seconds_ratio_vs_exact: PreciseInv eta 1e-5 over exact "
-             "backward Euler at T = 4, SD1.5 layout, x0 generated, cfg 1.")
+             "backward Euler at T = 4, SD1.5 layout, x0 generated, cfg 1. preciseinv_peak_ratio_vs_sampling: peak "
+             "memory (weights included, above a running ComfyUI) of PreciseInv inverting over plain euler "
+             f"sampling, 4 steps, {8 * MEMORY_LATENT} px, tiny SD1.5 layout, each in a fresh process.")
     path = write_results("preciseinv", rows, summary, quick, notes)
     plot(rows, result_path("preciseinv", "png", quick))
-    print(markdown_table([r for r in rows if "method" in r], COLUMNS))
+    print(markdown_table([r for r in rows if "method" in r and r["part"] != "memory"], COLUMNS))
     print()
     print(markdown_table([r for r in rows if r["part"] == "jacobian"],
                          ("model", "step", "sigma_from", "sigma_to", "singular_min", "singular_max"), "{:.3g}"))
@@ -336,4 +403,7 @@ def main(quick: bool = False):
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
+        memory_worker(sys.argv[2], sys.argv[3])
+    else:
+        main(quick="--quick" in sys.argv)

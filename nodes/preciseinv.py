@@ -39,34 +39,52 @@ def _models_of(guider):
     return [p for p in patchers if isinstance(p, comfy.model_patcher.ModelPatcher)]
 
 
+def _autograd_view(tensor):
+    """A normal (non-inference) tensor over the same memory, through DLPack: no copy. Where DLPack cannot
+    carry the tensor (a dtype or device it lacks), a copy."""
+    try:
+        return torch.from_dlpack(tensor.detach())
+    except (RuntimeError, BufferError, TypeError):
+        return tensor.detach().clone()
+
+
 @contextlib.contextmanager
 def autograd_weights(modules):
-    """Swap every inference-tensor parameter and buffer of `modules` for a normal, frozen copy
-    (requires_grad False: gradients go to the input only); the originals are put back on exit.
+    """Lend every inference-tensor parameter and buffer of `modules` to autograd as a normal, frozen
+    tensor over the same memory (requires_grad False: gradients go to the input only), through the
+    modules' public register_parameter / register_buffer; the originals are put back on exit.
 
-    ComfyUI loads weights inside torch.inference_mode(); autograd cannot save those for the input
-    gradient. The module objects are untouched, only their parameter slots are borrowed. Costs one
-    copy of the weights while it runs (as nodes_train's weight wrappers do per forward).
+    ComfyUI loads weights inside torch.inference_mode(), and autograd refuses to save inference tensors
+    for the input gradient. A DLPack view is not one, and costs no memory (before: a copy of the weights).
     """
-    borrowed, copies = [], {}
+    borrowed, views = [], {}
     with torch.inference_mode(False):
         try:
             for module in modules:
                 for sub in module.modules():
-                    for store in (sub._parameters, sub._buffers):
-                        for name, tensor in store.items():
+                    for kind, store in (("parameter", sub._parameters), ("buffer", sub._buffers)):
+                        for name, tensor in list(store.items()):
                             if tensor is None or not tensor.is_inference():
                                 continue
-                            if id(tensor) not in copies:   # tied weights stay tied
-                                copy = tensor.detach().clone()
-                                is_param = isinstance(tensor, torch.nn.Parameter)
-                                copies[id(tensor)] = torch.nn.Parameter(copy, requires_grad=False) if is_param else copy
-                            borrowed.append((store, name, tensor))
-                            store[name] = copies[id(tensor)]
+                            if kind == "parameter" and not isinstance(tensor, torch.nn.Parameter):
+                                continue
+                            if id(tensor) not in views:   # tied weights stay tied
+                                view = _autograd_view(tensor)
+                                views[id(tensor)] = torch.nn.Parameter(view, requires_grad=False) \
+                                    if kind == "parameter" else view
+                            borrowed.append((sub, kind, name, tensor))
+                            _register(sub, kind, name, views[id(tensor)])
             yield
         finally:
-            for store, name, tensor in reversed(borrowed):
-                store[name] = tensor
+            for sub, kind, name, tensor in reversed(borrowed):
+                _register(sub, kind, name, tensor)
+
+
+def _register(module, kind, name, tensor):
+    if kind == "parameter":
+        module.register_parameter(name, tensor)
+    else:
+        module.register_buffer(name, tensor, persistent=name not in module._non_persistent_buffers_set)
 
 
 def require_input_gradient(model):

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / ".gpu_bundle"
 WORK = Path(os.environ.get("EI_GPU_WORK", "/tmp/ei-gpu"))
 NODE_TESTS = ["tests/test_exact_nodes.py", "tests/test_preciseinv_nodes.py", "tests/test_rf_nodes.py",
-              "tests/test_decoder_node.py", "tests/test_device_guard.py"]
+              "tests/test_decoder_node.py", "tests/test_device_guard.py", "tests/test_video.py"]
 RUNS = [  # name, ComfyUI precision flags, tests, seconds
     ("fp32", "--fp32-unet --fp32-vae", ["tests"], 270),
     ("fp16", "--fp16-unet --fp16-vae", NODE_TESTS, 75),
