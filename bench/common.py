@@ -68,3 +68,29 @@ def ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=Non
         x = naive_step(counted, x, sigmas[i], sigmas[i + 1], {})
         report(callback, i=i, x=x, sigma=sigmas[i + 1], model_calls=counted.calls)
     return x
+
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+class PeakMemory:
+    """Peak memory above the level at creation, in MiB: torch.cuda.max_memory_allocated on a GPU, else
+    the peak RSS (VmHWM, reset to the current RSS through /proc/self/clear_refs). One per process."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = _status_kb("VmRSS") / 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak_mb(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return _status_kb("VmHWM") / 1024 - self.base

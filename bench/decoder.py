@@ -28,7 +28,7 @@ for p in (REPO, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench.common import machine, markdown_table, result_path, write_results  # noqa: E402
+from bench.common import PeakMemory, machine, markdown_table, result_path, write_results  # noqa: E402
 from bench.decoder_methods import run_method, time_to_reach  # noqa: E402
 from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE  # noqa: E402
 
@@ -132,14 +132,6 @@ def make_inputs(name, size, batch, path):
 # One method in a fresh process
 
 
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    return None
-
-
 def worker(config_path, out_path):
     torch.set_num_threads(1)
     cfg = json.load(open(config_path))
@@ -153,23 +145,12 @@ def worker(config_path, out_path):
     x, z0 = data["x"].to(device), data["z0"].to(device)
     with torch.no_grad():                                   # warm-up: kernels, allocator, workspaces
         model.encode(model.decode(z0.to(dtype)))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:       # reset the peak RSS (VmHWM) to now
-            f.write("5")
+    meter = PeakMemory()
     knobs = dict(cfg["knobs"])
     res = run_method(cfg["method"], model.encode, model.decode, x, z0, dtype, knobs.pop("max_iterations", 0),
                      clamp=(-1.0, 1.0), peak=2.0, **knobs)
-    if device.type == "cuda":
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_mb = (_status_kb("VmHWM") - base) / 1024
-    res.update(label=cfg["label"], model=cfg["model"], size=cfg["size"], peak_mem_mb=peak_mb,
-               loaded_mem_mb=base / (2**20 if device.type == "cuda" else 1024))
+    res.update(label=cfg["label"], model=cfg["model"], size=cfg["size"], peak_mem_mb=meter.peak_mb(),
+               loaded_mem_mb=meter.base)
     json.dump(res, open(out_path, "w"), default=float)
 
 
@@ -185,15 +166,7 @@ def memory_worker(config_path, out_path):
     for p in model.parameters():
         p.requires_grad_(False)
     image = torch.nn.functional.interpolate(load_photos(256, 1), size=cfg["size"], mode="bicubic").clamp(0, 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    start = time.perf_counter()
+    meter, start = PeakMemory(), time.perf_counter()
     with torch.no_grad():
         if cfg["method"] == "vae_encode":
             vae.encode(image.permute(0, 2, 3, 1))
@@ -202,9 +175,7 @@ def memory_worker(config_path, out_path):
             x = (image * 2 - 1).to(device)
             METHODS[cfg["method"]](model.encode, model.decode, x, max_iterations=cfg["max_iterations"],
                                    tolerance=0.0, dtype=torch.float32)
-    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" \
-        else (_status_kb("VmHWM") - base) / 1024
-    json.dump(dict(model=cfg["model"], size=cfg["size"], label=cfg["method"], peak_mem_mb=peak_mb,
+    json.dump(dict(model=cfg["model"], size=cfg["size"], label=cfg["method"], peak_mem_mb=meter.peak_mb(),
                    seconds=time.perf_counter() - start), open(out_path, "w"))
 
 

@@ -38,7 +38,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import preciseinv_analytic  # noqa: E402
-from common import markdown_table, result_path, write_results  # noqa: E402
+from common import PeakMemory, markdown_table, result_path, write_results  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
 from inversion_ops.exact import exact_inversion_euler  # noqa: E402
 from common import ddim_inversion  # noqa: E402
@@ -287,11 +287,6 @@ def plot(rows, path):
 MEMORY_LATENT = 32   # latent side for the memory rows: 256 px images for the tiny SD1.5 layout
 
 
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-
 def memory_worker(method, out_path):
     """Peak memory of plain euler sampling, or of PreciseInv inverting, 4 steps on the tiny SD1.5-layout
     model at 256 px, weights included: above the level of a running ComfyUI before the model loads
@@ -304,15 +299,7 @@ def memory_worker(method, out_path):
     import comfy.model_management
     import comfy.samplers
     sampling, pi = runtime.pack_module("nodes.sampling"), runtime.pack_module("nodes.preciseinv")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    meter = PeakMemory()
     with torch.inference_mode():
         model = runtime.nodes.UNETLoader().load_unet(MODELS["sd15"]["unet"], "default")[0]
         cond = conditioning(MODELS["sd15"]["width"], 0, 1, 1)
@@ -324,8 +311,7 @@ def memory_worker(method, out_path):
                                  noise=torch.zeros_like(latent["samples"]))
         else:
             pi.invert_latent(model, cond, cond, latent, "euler", "simple", 4, 1.0, math.sqrt(1e-5), 10)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (_status_kb("VmHWM") - base) / 1024
-    json.dump({"method": method, "peak_mem_mb": peak, "seconds": time.perf_counter() - start}, open(out_path, "w"))
+    json.dump({"method": method, "peak_mem_mb": meter.peak_mb(), "seconds": time.perf_counter() - start}, open(out_path, "w"))
 
 
 def memory_rows():

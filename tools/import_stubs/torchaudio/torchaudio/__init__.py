@@ -7,12 +7,6 @@ torchaudio still wins.
 __version__ = "0.0.0+stub"
 from . import functional, transforms  # noqa: E402,F401  real submodules, not placeholders
 
+from torchaudio._stub import getattr_for  # noqa: E402
 
-def __getattr__(name):
-    """Any name imports (ComfyUI does `from torchaudio import x` at start-up); using it raises."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchaudio.{name} is unavailable: this is the test runtime's import-only stub")
-    return unavailable
+__getattr__ = getattr_for(__name__)
