@@ -73,6 +73,39 @@ def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disa
     return x
 
 
+@torch.no_grad()
+def exact_inversion_one_step(model, x, sigmas, extra_args=None, callback=None, disable=None, step=None,
+                             solver=SOLVER, tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, **solver_options):
+    """Backward Euler around a sampler whose step from sigma to sigma_next depends on those two alone
+    (euler, heun, dpm_2): `step(model, x, sigmas, extra_args)` runs the sampler's own code over the
+    two-sigma schedule [sigma, sigma_next], so "exact" means exact for the very code that regenerates.
+
+    Per step sigma_known -> sigma: solve step(x_s, [sigma, sigma_known]) = x_known for x_s from the
+    naive guess, as `exact_inversion_euler` does for euler's closed form.
+    """
+    if step is None:
+        raise ValueError("step: exact_inversion_one_step needs the sampler's one-step function")
+    sigmas = check_sigmas(sigmas).to(x.device)
+    extra_args = extra_args or {}
+    calls = [0]
+
+    def counted(x_in, sigma_in, **kwargs):
+        calls[0] += 1
+        return model(x_in, sigma_in, **kwargs)
+    x = x.to(work_dtype(x))
+    for i in range(len(sigmas) - 1):
+        sigma_known, sigma, x_known = sigmas[i], sigmas[i + 1], x
+        down = torch.stack([sigma, sigma_known])
+
+        def residual(x_s):
+            return step(counted, x_s, down, extra_args).to(x_s.dtype) - x_known
+
+        guess = naive_step(counted, x_known, sigma_known, sigma, extra_args)
+        x, record = solve(residual, guess, solver, tolerance, max_iterations, solver_options)
+        report(callback, i=i, x=x, sigma=sigma, model_calls=calls[0], **record.fields())
+    return x
+
+
 def _fine_naive_path(model, x, sigma_points):
     """Naive Euler inversion through the given ascending sigmas; returns the state at each."""
     states = [x]

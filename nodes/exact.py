@@ -3,6 +3,9 @@
 "Invert Latent" node. The maths is in inversion_ops.exact; the ComfyUI plumbing
 (guider, flow sigma = 1 handling, InvertedNoise) in nodes/sampling.py.
 """
+import functools
+
+import comfy.k_diffusion.sampling
 from comfy_api.latest import io
 
 from ..inversion_ops import exact
@@ -13,7 +16,21 @@ from .sampling import (CATEGORY, InversionKSampler, InvertedNoise as InvertedNoi
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui, schema
 
-EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler, "dpmpp_2m": exact.exact_inversion_dpmpp_2m}
+def comfy_one_step(name):
+    """One step of ComfyUI's own sampler `name`, run over the two-sigma schedule it is given: the
+    black-box step that exact_inversion_one_step inverts (heun and dpm_2 step from sigma to
+    sigma_next with nothing else of the schedule)."""
+    sample = getattr(comfy.k_diffusion.sampling, f"sample_{name}")
+
+    def step(model, x, sigmas, extra_args):
+        return sample(model, x, sigmas, extra_args=extra_args, disable=True)
+    step.__name__ = f"one_step_{name}"
+    return step
+
+
+EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler, "dpmpp_2m": exact.exact_inversion_dpmpp_2m,
+                    "heun": functools.partial(exact.exact_inversion_one_step, step=comfy_one_step("heun")),
+                    "dpm_2": functools.partial(exact.exact_inversion_one_step, step=comfy_one_step("dpm_2"))}
 ROUND_TRIP_RECIPE = round_trip_recipe()
 
 
@@ -70,12 +87,12 @@ class ExactInversionSampler(io.ComfyNode):
             display_name="Exact Inversion Sampler",
             category=f"{CATEGORY}/samplers",
             description=(
-                "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that inverts ComfyUI's euler/ddim or "
-                "dpmpp_2m exactly (backward Euler, Hong et al. 2024): it finds the starting latent from which "
+                "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that inverts ComfyUI's euler/ddim, heun, "
+                "dpm_2 or dpmpp_2m exactly (backward Euler, Hong et al. 2024): it finds the starting latent from which "
                 "that sampler, with the same sigmas, cfg and conditioning, regenerates this latent. Use it "
                 "with Inversion Sigmas (ascending) and add_noise off. " + ROUND_TRIP_RECIPE),
             inputs=[
-                io.Combo.Input("sampler", options=["euler", "dpmpp_2m"], default="euler",
+                io.Combo.Input("sampler", options=list(EXACT_INVERSIONS), default="euler",
                                tooltip="The sampler you will regenerate with (ddim is euler in ComfyUI)."),
                 io.Combo.Input("solver", options=list(SOLVERS), default=exact.SOLVER,
                                tooltip="anderson: accelerated fixed point, fewest model calls. fixed_point: the "
@@ -125,7 +142,7 @@ class InvertLatent(io.ComfyNode):
                 "this latent (exact: backward Euler; naive: FlipSigmas + euler). " + ROUND_TRIP_RECIPE +
                 " At high cfg several noises can give the same image: judge by the regenerated latent."),
             inputs=[
-                *inversion_node_inputs("The sampler you will regenerate with. Only euler, ddim and dpmpp_2m "
+                *inversion_node_inputs("The sampler you will regenerate with. Only euler, ddim, heun, dpm_2 and dpmpp_2m "
                                        "can be inverted; the full list is offered so the widget can be shared "
                                        "with a KSampler."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The steps you will regenerate with."),

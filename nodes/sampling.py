@@ -14,9 +14,10 @@ from ..inversion_ops.common import reachable_tolerance
 
 CATEGORY = "inversion"
 
-# ComfyUI sampler names whose update is deterministic and has an inverse here. "ddim" runs
-# ComfyUI's sample_euler, so it inverts exactly like "euler".
-INVERTIBLE_SAMPLERS = ("euler", "ddim", "dpmpp_2m")
+# ComfyUI sampler names whose update is deterministic and has an inverse here, and the inverse each
+# takes. "ddim" runs ComfyUI's sample_euler, so it inverts exactly like "euler".
+INVERSE_OF = {"euler": "euler", "ddim": "euler", "heun": "heun", "dpm_2": "dpm_2", "dpmpp_2m": "dpmpp_2m"}
+INVERTIBLE_SAMPLERS = tuple(INVERSE_OF)
 STOCHASTIC_SAMPLERS = ("ddpm", "lcm", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
 
 
@@ -33,9 +34,9 @@ def round_trip_recipe(sampler="the same sampler"):
 
 
 def check_invertible_sampler(sampler_name):
-    """The inverse to use for a ComfyUI sampler name ('euler' or 'dpmpp_2m'); refuse the rest, saying why."""
-    if sampler_name in INVERTIBLE_SAMPLERS:
-        return "dpmpp_2m" if sampler_name == "dpmpp_2m" else "euler"
+    """The inverse to use for a ComfyUI sampler name (INVERSE_OF); refuse the rest, saying why."""
+    if sampler_name in INVERSE_OF:
+        return INVERSE_OF[sampler_name]
     stochastic = "ancestral" in sampler_name or "sde" in sampler_name or sampler_name in STOCHASTIC_SAMPLERS
     why = ("it adds fresh random noise at every step, so no single starting latent reproduces an image"
            if stochastic else "this pack has no exact inverse for its update")

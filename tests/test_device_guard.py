@@ -139,6 +139,7 @@ def node_samplers(comfy, kind):
     samplers = [("naive", exact_nodes.inversion_sampler("euler", "naive"), True),
                 ("exact_euler", exact_nodes.inversion_sampler("euler", max_iterations=8), True),
                 ("exact_dpmpp_2m", exact_nodes.inversion_sampler("dpmpp_2m", max_iterations=4), True),
+                ("exact_heun", exact_nodes.inversion_sampler("heun", max_iterations=4), True),
                 ("preciseinv", pi_nodes.preciseinv_sampler(1e-3, 4), True)]
     if kind == "flow":
         samplers += [("rf_forward", rf_nodes.ControlledFlowSampler("forward", seed=1, gamma=0.5), True),

@@ -189,3 +189,26 @@ def test_tolerance_raised_to_the_bf16_floor_is_reached_without_running_to_the_ca
     assert any(any(capped) for capped in below.hit_cap)
     assert not any(any(capped) for capped in floor.hit_cap)
     assert 2 * floor.model_calls < below.model_calls
+
+
+def euler_one_step(model, x, sigmas, extra_args):
+    """The reference euler sampler as a black-box one-step function (what nodes build from ComfyUI's)."""
+    return sample_euler(model, x, sigmas, extra_args)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "flow"])
+def test_black_box_one_step_inversion_equals_the_closed_form_euler_one(parameterization):
+    # the same equation solved from the same guess: only the step's arithmetic path differs
+    denoise, sigmas, noise = make_case(parameterization, cfg=5.0, steps=6, batch=2)
+    image = sample_euler(denoise, noise, sigmas)
+    closed, _ = run(be.exact_inversion_euler, denoise, image, sigmas.flip(0), tolerance=TOL)
+    black_box, log = run(be.exact_inversion_one_step, denoise, image, sigmas.flip(0), step=euler_one_step,
+                         tolerance=TOL)
+    torch.testing.assert_close(black_box, closed, rtol=0, atol=1e-8)
+    assert max(max(r) for r in log.residuals) < TOL and log.model_calls > 0
+
+
+def test_one_step_inversion_without_a_step_function_is_refused():
+    denoise, sigmas, noise = make_case("eps", cfg=1.0, steps=2)
+    with pytest.raises(ValueError, match="step"):
+        be.exact_inversion_one_step(denoise, noise, sigmas.flip(0))
