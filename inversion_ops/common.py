@@ -92,9 +92,9 @@ class CountedModel:
     def __init__(self, model, extra_args=None):
         self.model, self.extra_args, self.calls = model, extra_args or {}, 0
 
-    def __call__(self, x, sigma):
+    def __call__(self, x, sigma, **extra_args):
         self.calls += 1
-        return self.model(x, sigma_batch(sigma, x), **self.extra_args)
+        return self.model(x, sigma_batch(sigma, x), **{**self.extra_args, **extra_args})
 
 
 def report(callback, **fields):

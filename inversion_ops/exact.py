@@ -18,7 +18,19 @@ SOLVER = "anderson"     # 0.30x the model calls of the paper's fixed point at eu
 # less than the tolerance. Each pass shrinks the change about 2x on the tiny models, so 4 passes
 # leave -25..-40 dB regeneration errors that 20 remove.
 REFINE_PASSES = 20
-SUBSTEPS = 10           # fine naive sub-steps per interval for the paper's estimate of old_denoised
+SUBSTEPS = 10
+# A run that will not converge must not run away (a 20-step dpmpp_2m inversion at cfg 7 on the tiny SD1.5
+# layout took 13 minutes): once a run has made this many model calls per step, its solves and refine
+# passes stop and it returns the best iterates found. Converged euler runs need 5-22 calls per step
+# (bench/results/exact.json), dpmpp_2m's refine passes up to ~50.
+MAX_MODEL_CALLS_PER_STEP = 100
+
+
+def _budget(model, max_model_calls, steps):
+    """`out_of_budget()` for the solvers: True once `model` has made max_model_calls calls (default
+    MAX_MODEL_CALLS_PER_STEP per step; 0 = no budget)."""
+    limit = MAX_MODEL_CALLS_PER_STEP * steps if max_model_calls is None else max_model_calls
+    return (lambda: model.calls >= limit) if limit else None           # fine naive sub-steps per interval for the paper's estimate of old_denoised
 
 
 def dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma_next):
@@ -53,7 +65,7 @@ def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 @torch.no_grad()
 def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=SOLVER,
-                          tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, **solver_options):
+                          tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, max_model_calls=None, **solver_options):
     """Exact inversion of ComfyUI's euler / ddim by backward Euler (Hong et al. 2024, Algorithm 1).
 
     Per step sigma_known -> sigma: solve euler_step(x_s, D(x_s, sigma), sigma, sigma_known) = x_known
@@ -61,6 +73,7 @@ def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disa
     """
     sigmas = check_sigmas(sigmas).to(x.device)
     model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
+    solver_options["out_of_budget"] = _budget(model, max_model_calls, len(sigmas) - 1)
     for i in range(len(sigmas) - 1):
         sigma_known, sigma, x_known = sigmas[i], sigmas[i + 1], x
 
@@ -75,7 +88,8 @@ def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disa
 
 @torch.no_grad()
 def exact_inversion_one_step(model, x, sigmas, extra_args=None, callback=None, disable=None, step=None,
-                             solver=SOLVER, tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, **solver_options):
+                             solver=SOLVER, tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, max_model_calls=None,
+                             **solver_options):
     """Backward Euler around a sampler whose step from sigma to sigma_next depends on those two alone
     (euler, heun, dpm_2): `step(model, x, sigmas, extra_args)` runs the sampler's own code over the
     two-sigma schedule [sigma, sigma_next], so "exact" means exact for the very code that regenerates.
@@ -86,13 +100,8 @@ def exact_inversion_one_step(model, x, sigmas, extra_args=None, callback=None, d
     if step is None:
         raise ValueError("step: exact_inversion_one_step needs the sampler's one-step function")
     sigmas = check_sigmas(sigmas).to(x.device)
-    extra_args = extra_args or {}
-    calls = [0]
-
-    def counted(x_in, sigma_in, **kwargs):
-        calls[0] += 1
-        return model(x_in, sigma_in, **kwargs)
-    x = x.to(work_dtype(x))
+    extra_args, counted, x = extra_args or {}, CountedModel(model), x.to(work_dtype(x))
+    solver_options["out_of_budget"] = _budget(counted, max_model_calls, len(sigmas) - 1)
     for i in range(len(sigmas) - 1):
         sigma_known, sigma, x_known = sigmas[i], sigmas[i + 1], x
         down = torch.stack([sigma, sigma_known])
@@ -102,7 +111,7 @@ def exact_inversion_one_step(model, x, sigmas, extra_args=None, callback=None, d
 
         guess = naive_step(counted, x_known, sigma_known, sigma, extra_args)
         x, record = solve(residual, guess, solver, tolerance, max_iterations, solver_options)
-        report(callback, i=i, x=x, sigma=sigma, model_calls=calls[0], **record.fields())
+        report(callback, i=i, x=x, sigma=sigma, model_calls=counted.calls, **record.fields())
     return x
 
 
@@ -154,7 +163,7 @@ def _dpmpp_2m_pass(model, x, sigmas, previous, pass_index, options, callback):
 @torch.no_grad()
 def exact_inversion_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=SOLVER,
                              tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, substeps=SUBSTEPS,
-                             refine_passes=REFINE_PASSES, refine="anderson", **solver_options):
+                             refine_passes=REFINE_PASSES, refine="anderson", max_model_calls=None, **solver_options):
     """Exact inversion of ComfyUI's dpmpp_2m by backward Euler with the high-order term held fixed
     (Hong et al. 2024, Algorithm 2), then refined.
 
@@ -163,13 +172,14 @@ def exact_inversion_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, d
     log-spaced sub-steps per interval) and solves the rest as `exact_inversion_euler` does. Refine
     passes (our addition) re-solve every step with old_denoised from the previous pass's states;
     their fixed point inverts the sampler exactly. refine='plain' iterates the passes,
-    'anderson' mixes them; they stop once the states move less than `tolerance` (RMS).
-    The callback dict carries `pass` (0 = the paper's pass).
+    'anderson' mixes them; they stop once the states move less than `tolerance` (RMS), or once the run
+    has made max_model_calls model calls (see `_budget`). The callback dict carries `pass`.
     """
     sigmas = check_sigmas(sigmas).to(x.device)
     model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
+    out_of_budget = _budget(model, max_model_calls, len(sigmas) - 1)
     options = dict(solver=solver, tolerance=tolerance, max_iterations=max_iterations, substeps=substeps,
-                   solver_options=solver_options)
+                   solver_options={**solver_options, "out_of_budget": out_of_budget})
     passes = [0]
 
     def run_pass(previous):
@@ -185,9 +195,10 @@ def exact_inversion_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, d
         return stacked - run_pass(list(stacked.unbind(1)))
 
     if refine == "anderson":
-        states, _ = solve_anderson(pass_residual, states, tolerance, refine_passes)
+        states, _ = solve_anderson(pass_residual, states, tolerance, refine_passes, out_of_budget=out_of_budget)
     elif refine == "plain":
-        states, _ = solve_forward_step(pass_residual, states, tolerance, refine_passes, rho=1.0, warmup=1)
+        states, _ = solve_forward_step(pass_residual, states, tolerance, refine_passes, rho=1.0, warmup=1,
+                                       out_of_budget=out_of_budget)
     else:
         raise ValueError(f"refine must be 'anderson' or 'plain', got {refine!r}")
     return states[:, -1]

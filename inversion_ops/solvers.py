@@ -24,7 +24,7 @@ class SolveRecord:
 
 
 def solve_forward_step(residual, x, tolerance, max_iterations=500, rho=0.5, warmup=20, patience=20,
-                       threshold=1e-4):
+                       threshold=1e-4, out_of_budget=None):
     """x <- x - rho_k * residual(x), per sample: the schedule of Hong et al.'s released code.
 
     rho_k rises linearly over `warmup` iterations and halves when the residual has not improved by
@@ -39,7 +39,7 @@ def solve_forward_step(residual, x, tolerance, max_iterations=500, rho=0.5, warm
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     for k in range(max_iterations):
         active = best_rms >= tolerance
-        if not bool(active.any()):
+        if not bool(active.any()) or (out_of_budget is not None and out_of_budget()):
             break
         step = (rho_per_sample * min(1.0, (k + 1) / warmup)).to(x.dtype)
         x = select(active, x - append_dims(step, x) * r, x)
@@ -78,14 +78,15 @@ def _anderson_coefficients(d_f, f, active, regularization):
 
 
 def solve_anderson(residual, x, tolerance, max_iterations=500, history=5, beta=1.0, safeguard=10.0,
-                   regularization=1e-10, patience=30, threshold=1e-3):
+                   regularization=1e-10, patience=30, threshold=1e-3, out_of_budget=None):
     """Type-II Anderson mixing on x <- x - beta * residual(x), per sample.
 
     x <- x + beta f - (dX + beta dF) gamma with f = -residual and gamma from the last `history`
     difference pairs. Safeguard: an iterate whose residual exceeds `safeguard` x the best so far
     is rejected; that sample restarts from its best point with an empty history and half the beta.
     A sample whose best residual has not improved by the relative `threshold` for `patience`
-    iterations stops (an equation with no nearby root should not burn the whole cap).
+    iterations stops (an equation with no nearby root should not burn the whole cap). Both solvers stop
+    when `out_of_budget()` turns True, returning the best iterates so far.
     """
     batch, shape, device = x.shape[0], x.shape, x.device
     flat = lambda t: t.reshape(batch, -1)  # noqa: E731
@@ -102,7 +103,7 @@ def solve_anderson(residual, x, tolerance, max_iterations=500, history=5, beta=1
         active = (best_rms >= tolerance) & (stale <= patience)
         f = -flat(r)
         gamma, any_active = _anderson_coefficients(d_f * filled[..., None], f, active, regularization)
-        if not any_active:
+        if not any_active or (out_of_budget is not None and out_of_budget()):
             break
         mixed = beta_per_sample * f - ((d_x + beta_per_sample[..., None] * d_f) * gamma[..., None]).sum(1)
         x_new = select(active, x + mixed.view(shape), x)

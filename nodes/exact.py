@@ -35,14 +35,15 @@ ROUND_TRIP_RECIPE = round_trip_recipe()
 
 
 def inversion_sampler(sampler, method="exact", solver=exact.SOLVER, max_iterations=exact.MAX_ITERATIONS,
-                      tolerance=exact.TOLERANCE, log=None):
-    """The SAMPLER that inverts `sampler` ('euler' or 'dpmpp_2m'); `log` (a StepLog) records its steps.
-    A new object per call: nothing of a run is kept on it."""
+                      tolerance=exact.TOLERANCE, log=None, max_model_calls=0):
+    """The SAMPLER that inverts `sampler` (a key of EXACT_INVERSIONS); `log` (a StepLog) records its steps;
+    max_model_calls 0 = the default budget. A new object per call: nothing of a run is kept on it."""
     if method == "naive":
         function, options = exact.naive_inversion, {}
     else:
         function = EXACT_INVERSIONS[sampler]
-        options = dict(solver=solver, max_iterations=max_iterations, tolerance=tolerance)
+        options = dict(solver=solver, max_iterations=max_iterations, tolerance=tolerance,
+                       max_model_calls=max_model_calls or None)
     return InversionKSampler(log.observe(function) if log is not None else function, options)
 
 
@@ -69,6 +70,14 @@ def _max_iterations_input():
     return io.Int.Input("max_iterations", default=exact.MAX_ITERATIONS, min=1, max=10000,
                         tooltip="Most solver iterations (model calls) per step; 100 is plenty for Anderson, "
                                 "the paper's fixed point uses up to 500.")
+
+
+def _budget_input():
+    # optional: prompts saved before it existed (API format, queued batches) still validate
+    return io.Int.Input("max_model_calls", default=0, min=0, max=10_000_000, optional=True,
+                        tooltip=f"Budget for the whole inversion: once it has made this many model calls, its "
+                                f"solves stop and it returns the best latent found. 0 = "
+                                f"{exact.MAX_MODEL_CALLS_PER_STEP} per step.")
 
 
 def _tolerance_input():
@@ -99,13 +108,15 @@ class ExactInversionSampler(io.ComfyNode):
                                        "paper's forward steps (rho 0.5, warm-up, halving on plateau)."),
                 _max_iterations_input(),
                 _tolerance_input(),
+                _budget_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, sampler, solver, max_iterations, tolerance) -> io.NodeOutput:
-        return io.NodeOutput(inversion_sampler(sampler, "exact", solver, max_iterations, tolerance))
+    def execute(cls, sampler, solver, max_iterations, tolerance, max_model_calls=0) -> io.NodeOutput:
+        return io.NodeOutput(inversion_sampler(sampler, "exact", solver, max_iterations, tolerance,
+                                               max_model_calls=max_model_calls))
 
 
 class NaiveInversionSampler(io.ComfyNode):
@@ -142,9 +153,9 @@ class InvertLatent(io.ComfyNode):
                 "this latent (exact: backward Euler; naive: FlipSigmas + euler). " + ROUND_TRIP_RECIPE +
                 " At high cfg several noises can give the same image: judge by the regenerated latent."),
             inputs=[
-                *inversion_node_inputs("The sampler you will regenerate with. Only euler, ddim, heun, dpm_2 and dpmpp_2m "
-                                       "can be inverted; the full list is offered so the widget can be shared "
-                                       "with a KSampler."),
+                *inversion_node_inputs("The sampler you will regenerate with. Only euler, ddim, heun, dpm_2 and "
+                                       "dpmpp_2m can be inverted; the full list is offered so the widget can be "
+                                       "shared with a KSampler."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The steps you will regenerate with."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The cfg you will regenerate with."),
@@ -156,6 +167,7 @@ class InvertLatent(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="Invert only this fraction of the schedule; regenerate with the same "
                                        "denoise."),
+                _budget_input(),
             ],
             outputs=[io.Latent.Output(display_name="noise",
                                       tooltip="The inverted latent: regenerate from it with no added noise.")],
@@ -163,11 +175,11 @@ class InvertLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, sampler_name, scheduler, steps, cfg, method,
-                max_iterations, tolerance, denoise) -> io.NodeOutput:
+                max_iterations, tolerance, denoise, max_model_calls=0) -> io.NodeOutput:
         sampler, log = check_invertible_sampler(sampler_name), StepLog()
         check_latent_channels(model, latent["samples"])
         sigmas = inversion_sigmas(model, scheduler, steps, denoise)
-        inverter = inversion_sampler(sampler, method, exact.SOLVER, max_iterations, tolerance, log)
+        inverter = inversion_sampler(sampler, method, exact.SOLVER, max_iterations, tolerance, log, max_model_calls)
         noise = invert_whole_latent(model, positive, negative, cfg, latent, inverter, sigmas)
         return io.NodeOutput(noise, ui=residual_ui(log, method, sampler))
 

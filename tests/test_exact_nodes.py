@@ -426,3 +426,19 @@ def test_one_step_of_comfyui_sampler_composes_into_its_full_run(comfy, sampler):
         for i in range(len(sigmas) - 1):
             stepped = step(denoise, stepped, sigmas[i:i + 2], {})
     assert torch.equal(whole, stepped)
+
+
+def test_invert_latent_stops_at_its_model_call_budget(comfy):
+    # 1e-7 RMS is below float32's reach on latents of RMS ~15 (sigma_max 14.6): without a budget each of
+    # the 4 steps runs until the solver gives up; the budget stops the solves, and each remaining step
+    # then costs its guess and one residual
+    model = _load(comfy, "tiny_sd15_eps.safetensors")
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        unbounded = _invert_directly(comfy, model, latent, steps=4, tolerance=1e-7, max_iterations=200,
+                                     max_model_calls=10_000_000)
+        bounded = _invert_directly(comfy, model, latent, steps=4, tolerance=1e-7, max_iterations=200,
+                                   max_model_calls=20)
+    calls = bounded.ui["model_calls"][0]
+    assert calls <= 20 + 2 * 4 < unbounded.ui["model_calls"][0], (calls, unbounded.ui["model_calls"])
+    assert torch.isfinite(bounded.args[0]["samples"]).all()

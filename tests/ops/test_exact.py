@@ -212,3 +212,25 @@ def test_one_step_inversion_without_a_step_function_is_refused():
     denoise, sigmas, noise = make_case("eps", cfg=1.0, steps=2)
     with pytest.raises(ValueError, match="step"):
         be.exact_inversion_one_step(denoise, noise, sigmas.flip(0))
+
+
+@pytest.mark.parametrize("method", ["euler", "dpmpp_2m"])
+def test_a_run_that_cannot_converge_stops_at_its_model_call_budget(method):
+    # tolerance 0 is never reached: without the budget every step runs to its cap (and dpmpp_2m adds up
+    # to 20 refine passes). With it the solvers stop; what is left costs no more than one guess and one
+    # residual per step (euler), or the paper's pass and one refine pass without iterations (dpmpp_2m)
+    denoise, sigmas, noise = make_case("eps", cfg=5.0, steps=6)
+    sample = sample_euler if method == "euler" else sample_dpmpp_2m
+    invert = be.exact_inversion_euler if method == "euler" else be.exact_inversion_dpmpp_2m
+    image = sample(denoise, noise, sigmas)
+    budget = 40
+    x, log = run(invert, denoise, image, sigmas.flip(0), tolerance=0.0, max_model_calls=budget)
+    unbounded = run(invert, denoise, image, sigmas.flip(0), tolerance=0.0, max_model_calls=0)[1].model_calls
+    if method == "euler":
+        overshoot = 2 * 6
+    else:
+        one_pass = run(invert, denoise, image, sigmas.flip(0), tolerance=0.0, max_iterations=0,
+                       refine_passes=0)[1].model_calls
+        overshoot = 2 * one_pass
+    assert torch.isfinite(x).all()
+    assert log.model_calls <= budget + overshoot < unbounded, (log.model_calls, budget + overshoot, unbounded)
