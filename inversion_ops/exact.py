@@ -18,11 +18,11 @@ SOLVER = "anderson"     # 0.30x the model calls of the paper's fixed point at eu
 # less than the tolerance. Each pass shrinks the change about 2x on the tiny models, so 4 passes
 # leave -25..-40 dB regeneration errors that 20 remove.
 REFINE_PASSES = 20
-SUBSTEPS = 10
+SUBSTEPS = 10           # fine naive sub-steps per interval for the paper's estimate of old_denoised
 # A run that will not converge must not run away (a 20-step dpmpp_2m inversion at cfg 7 on the tiny SD1.5
 # layout took 13 minutes): once a run has made this many model calls per step, its solves and refine
-# passes stop and it returns the best iterates found. Converged euler runs need 5-22 calls per step
-# (bench/results/exact.json), dpmpp_2m's refine passes up to ~50.
+# passes stop and it returns the best iterates found. Converged runs in bench/results/exact.quick.json
+# took 4-24 calls per step (euler, Anderson) and up to 78 (dpmpp_2m with refine passes).
 MAX_MODEL_CALLS_PER_STEP = 100
 
 
@@ -30,7 +30,7 @@ def _budget(model, max_model_calls, steps):
     """`out_of_budget()` for the solvers: True once `model` has made max_model_calls calls (default
     MAX_MODEL_CALLS_PER_STEP per step; 0 = no budget)."""
     limit = MAX_MODEL_CALLS_PER_STEP * steps if max_model_calls is None else max_model_calls
-    return (lambda: model.calls >= limit) if limit else None           # fine naive sub-steps per interval for the paper's estimate of old_denoised
+    return (lambda: model.calls >= limit) if limit else None
 
 
 def dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma_next):
