@@ -62,7 +62,7 @@ def check_sigmas(sigmas, ascending=True, unit_interval=False):
     ascending: an inversion walks up from the least noisy sigma; descending: noise -> image.
     """
     if not torch.is_tensor(sigmas):
-        sigmas = torch.tensor(sigmas, dtype=torch.float64)   # a list keeps its full precision
+        sigmas = torch.tensor(sigmas, dtype=torch.float64)   # cpu: a list has no device; callers move it
     sigmas = sigmas.flatten()
     values = sigmas.detach().cpu().double()
     steps = values[1:] - values[:-1]

@@ -64,6 +64,25 @@ def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+def _backward_euler(model, x, sigmas, extra_args, callback, step, solver, tolerance, max_iterations,
+                    max_model_calls, solver_options):
+    """The per-step loop of every single-step inversion: for each step sigma_known -> sigma, solve
+    step(model, x_s, sigma, sigma_known) = x_known for x_s, starting from the naive guess."""
+    sigmas = check_sigmas(sigmas).to(x.device)
+    model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
+    options = {**solver_options, "out_of_budget": _budget(model, max_model_calls, len(sigmas) - 1)}
+    for i in range(len(sigmas) - 1):
+        sigma_known, sigma, x_known = sigmas[i], sigmas[i + 1], x
+
+        def residual(x_s):
+            return step(model, x_s, sigma, sigma_known) - x_known
+
+        guess = naive_step(model, x_known, sigma_known, sigma, {})
+        x, record = solve(residual, guess, solver, tolerance, max_iterations, options)
+        report(callback, i=i, x=x, sigma=sigma, model_calls=model.calls, **record.fields())
+    return x
+
+
 @torch.no_grad()
 def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=SOLVER,
                           tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, max_model_calls=None, **solver_options):
@@ -72,19 +91,10 @@ def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disa
     Per step sigma_known -> sigma: solve euler_step(x_s, D(x_s, sigma), sigma, sigma_known) = x_known
     for x_s from the naive guess. solver: 'fixed_point' (the paper's forward steps) or 'anderson'.
     """
-    sigmas = check_sigmas(sigmas).to(x.device)
-    model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
-    solver_options["out_of_budget"] = _budget(model, max_model_calls, len(sigmas) - 1)
-    for i in range(len(sigmas) - 1):
-        sigma_known, sigma, x_known = sigmas[i], sigmas[i + 1], x
-
-        def residual(x_s):
-            return euler_step(x_s, model(x_s, sigma).to(x_s.dtype), sigma, sigma_known) - x_known
-
-        guess = naive_step(model, x_known, sigma_known, sigma, {})
-        x, record = solve(residual, guess, solver, tolerance, max_iterations, solver_options)
-        report(callback, i=i, x=x, sigma=sigma, model_calls=model.calls, **record.fields())
-    return x
+    def euler(counted, x_s, sigma, sigma_known):
+        return euler_step(x_s, counted(x_s, sigma).to(x_s.dtype), sigma, sigma_known)
+    return _backward_euler(model, x, sigmas, extra_args, callback, euler, solver, tolerance, max_iterations,
+                           max_model_calls, solver_options)
 
 
 @torch.no_grad()
@@ -100,20 +110,11 @@ def exact_inversion_one_step(model, x, sigmas, extra_args=None, callback=None, d
     """
     if step is None:
         raise ValueError("step: exact_inversion_one_step needs the sampler's one-step function")
-    sigmas = check_sigmas(sigmas).to(x.device)
-    extra_args, counted, x = extra_args or {}, CountedModel(model), x.to(work_dtype(x))
-    solver_options["out_of_budget"] = _budget(counted, max_model_calls, len(sigmas) - 1)
-    for i in range(len(sigmas) - 1):
-        sigma_known, sigma, x_known = sigmas[i], sigmas[i + 1], x
-        down = torch.stack([sigma, sigma_known])
 
-        def residual(x_s):
-            return step(counted, x_s, down, extra_args).to(x_s.dtype) - x_known
-
-        guess = naive_step(counted, x_known, sigma_known, sigma, extra_args)
-        x, record = solve(residual, guess, solver, tolerance, max_iterations, solver_options)
-        report(callback, i=i, x=x, sigma=sigma, model_calls=counted.calls, **record.fields())
-    return x
+    def sampler_step(counted, x_s, sigma, sigma_known):   # counted carries extra_args
+        return step(counted, x_s, torch.stack([sigma, sigma_known]), {}).to(x_s.dtype)
+    return _backward_euler(model, x, sigmas, extra_args, callback, sampler_step, solver, tolerance,
+                           max_iterations, max_model_calls, solver_options)
 
 
 def _fine_naive_path(model, x, sigma_points):
@@ -144,8 +145,8 @@ def _dpmpp_2m_pass(model, x, sigmas, previous, pass_index, options, callback):
             guess = naive_step(model, x_known, sigma_known, sigma, {})
         else:
             logs = torch.stack([sigma_known, sigma, sigma_prev]).log().cpu()
-            points = torch.cat([torch.linspace(logs[0], logs[1], substeps + 1)[:-1],
-                                torch.linspace(logs[1], logs[2], substeps + 1)]).to(sigmas).exp()
+            points = torch.cat([torch.linspace(logs[0], logs[1], substeps + 1)[:-1],  # cpu: moved below
+                                torch.linspace(logs[1], logs[2], substeps + 1)]).to(sigmas).exp()  # cpu: to sigmas
             points[0], points[substeps], points[-1] = sigma_known, sigma, sigma_prev
             path = _fine_naive_path(model, x_known, points)
             guess, old_denoised = path[substeps], model(path[-1], sigma_prev).to(x.dtype)

@@ -43,7 +43,8 @@ def sample_generators(batch, seed):
 
 def randn_per_sample(like, generators):
     """Standard normal shaped like `like`, row b drawn from generators[b] (float32 on CPU, then cast)."""
-    rows = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in generators]
+    # CPU generators give every device the same noise; the rows move to like's device below
+    rows = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in generators]  # cpu: seeded
     return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
 

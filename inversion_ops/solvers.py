@@ -72,7 +72,8 @@ def _anderson_coefficients(d_f, f, active, regularization):
     n = batch * history * history
     gram, rhs = packed[:n].view(batch, history, history), packed[n:n + batch * history].view(batch, history, 1)
     scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)
-    gram = gram + torch.eye(history, dtype=torch.float64) * (regularization * scale + 1e-300)[:, None, None]
+    ridge = torch.eye(history, dtype=torch.float64)   # cpu: the small solve runs on the host in float64
+    gram = gram + ridge * (regularization * scale + 1e-300)[:, None, None]
     gamma = torch.linalg.solve(gram, rhs).squeeze(-1)
     return gamma.to(device=f.device, dtype=f.dtype), True
 
