@@ -21,7 +21,7 @@ REFINE_PASSES = 20
 SUBSTEPS = 10           # fine naive sub-steps per interval for the paper's estimate of old_denoised
 # A run that will not converge must not run away (a 20-step dpmpp_2m inversion at cfg 7 on the tiny SD1.5
 # layout took 13 minutes): once a run has made this many model calls per step, its solves and refine
-# passes stop and it returns the best iterates found. In bench/results/exact.json euler took 4-24 calls per
+# passes stop and it returns the best iterates found. In bench/results/exact.json euler took 3-24 calls per
 # step and dpmpp_2m's refine passes up to 196, still gaining (at 100 per step, 10 steps, cfg 3 they ended
 # 32 dB short), so the budget sits just above that.
 MAX_MODEL_CALLS_PER_STEP = 200
