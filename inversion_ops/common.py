@@ -87,10 +87,16 @@ def select(mask, new, old):
 
 
 class CountedModel:
-    """`model` with its calls counted (one call on a batch counts once, CFG included)."""
+    """`model` with its calls counted (one call on a batch counts once, CFG included). Other
+    attributes are the model's, so a sampler that reads `model.inner_model` can run on it."""
 
     def __init__(self, model, extra_args=None):
         self.model, self.extra_args, self.calls = model, extra_args or {}, 0
+
+    def __getattr__(self, name):
+        if name == "model":   # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
     def __call__(self, x, sigma, **extra_args):
         self.calls += 1
