@@ -164,7 +164,7 @@ class StepLog:
         """Per-record lists of per-sample values of `key`; last_pass: only the final pass's records."""
         records = self.records
         if last_pass and records:
-            records = [r for r in records if r["pass"] == records[-1]["pass"]]
+            records = [r for r in records if r.get("pass") == records[-1].get("pass")]
         return [r[key] for r in records if key in r]
 
     @property

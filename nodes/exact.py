@@ -6,12 +6,13 @@
 import functools
 
 import comfy.k_diffusion.sampling
+import comfy.samplers
 from comfy_api.latest import io
 
-from ..inversion_ops import exact
+from ..inversion_ops import exact, multistep
 from ..inversion_ops.common import StepLog
 from ..inversion_ops.solvers import SOLVERS
-from .sampling import (CATEGORY, InversionKSampler, InvertedNoise as InvertedNoiseObject, check_invertible_sampler,
+from .sampling import (CATEGORY, SHOT_SAMPLERS, InversionKSampler, InvertedNoise as InvertedNoiseObject, check_invertible_sampler,
                        check_latent_channels, invert_whole_latent, inversion_node_inputs, round_trip_recipe)
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui, schema
@@ -28,9 +29,25 @@ def comfy_one_step(name):
     return step
 
 
-EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler, "dpmpp_2m": exact.exact_inversion_dpmpp_2m,
+def comfy_sampler_function(name):
+    """ComfyUI's own sampling function for `name`, with the options its KSAMPLER carries: the black
+    box that exact_inversion_shooting inverts."""
+    sampler = comfy.samplers.sampler_object(name)
+    return functools.partial(sampler.sampler_function, **sampler.extra_options)
+
+
+def _shooting(name):
+    return functools.partial(multistep.exact_inversion_shooting, sample=comfy_sampler_function(name))
+
+
+# What inverts each sampler: backward Euler per step where a step stands alone (the paper's method
+# for euler; heun and dpm_2 through their own one-step code), shooting through the sampler's own
+# function for the rest. The paper's dpmpp_2m algorithm stays available under its own name.
+EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler,
                     "heun": functools.partial(exact.exact_inversion_one_step, step=comfy_one_step("heun")),
-                    "dpm_2": functools.partial(exact.exact_inversion_one_step, step=comfy_one_step("dpm_2"))}
+                    "dpm_2": functools.partial(exact.exact_inversion_one_step, step=comfy_one_step("dpm_2")),
+                    **{name: _shooting(name) for name in SHOT_SAMPLERS},
+                    "dpmpp_2m_backward_euler": exact.exact_inversion_dpmpp_2m}
 ROUND_TRIP_RECIPE = round_trip_recipe()
 
 
@@ -48,18 +65,27 @@ def inversion_sampler(sampler, method="exact", solver=exact.SOLVER, max_iteratio
 
 
 def residual_ui(log, method, sampler):
-    """The per-step residual curve of the final pass, and the model calls, for the node's ui."""
+    """The node's convergence view: per-step residuals of the final pass (backward Euler), or the
+    regeneration error per iteration (shooting), and the model calls."""
     if method == "naive":
         summary = f"naive inversion: {log.model_calls} model calls, no residual (explicit steps)"
         return convergence_ui("Naive inversion", [], "step", "residual RMS", summary=summary,
                               model_calls=log.model_calls)
+    if sampler in SHOT_SAMPLERS:
+        errors = log.series("residual")
+        summary = (f"{sampler}: {log.model_calls} model calls, {len(errors)} shooting iterations, "
+                   f"regeneration error {max(errors[-1]):.2e}")
+        if any(log.series("hit_cap")[-1]):
+            summary += " (not within tolerance: the budget or the iteration cap stopped it; best iterate returned)"
+        return convergence_ui("Shooting: regeneration error per iteration", errors, "iteration", "RMS",
+                              summary=summary, model_calls=log.model_calls)
     final_pass = log.series("residual", last_pass=True)
     worst = max(max(step) for step in final_pass)
     capped = sum(any(step) for step in log.series("hit_cap", last_pass=True))
     summary = f"{sampler}: {log.model_calls} model calls, worst step residual {worst:.2e}"
     if capped:
         summary += f", {capped} step(s) hit the iteration cap"
-    passes = log.records[-1]["pass"] + 1
+    passes = log.records[-1].get("pass", 0) + 1
     if passes > 1:
         summary += f", {passes} passes"
     return convergence_ui("Backward Euler residual per step", final_pass, "step", "residual RMS",
@@ -68,8 +94,10 @@ def residual_ui(log, method, sampler):
 
 def _max_iterations_input():
     return io.Int.Input("max_iterations", default=exact.MAX_ITERATIONS, min=1, max=10000,
-                        tooltip="Most solver iterations (model calls) per step; 100 is plenty for Anderson, "
-                                "the paper's fixed point uses up to 500.")
+                        tooltip="Most solver iterations (model calls) per step for backward Euler (euler, heun, "
+                                "dpm_2): 100 is plenty for Anderson, the paper's fixed point uses up to 500. For "
+                                "the other samplers, the most shooting iterations (each one sampling run and one "
+                                "naive inversion).")
 
 
 def _budget_input():
@@ -83,7 +111,8 @@ def _budget_input():
 def _tolerance_input():
     return io.Float.Input("tolerance", default=exact.TOLERANCE, min=1e-7, max=1.0, step=1e-6, round=False,
                           tooltip="Stop a step when the RMS per latent element of Step(x) - x_known is "
-                                  "below this (in the sampler's latent units). For a 16-bit model it is "
+                                  "below this (shooting: of the regenerated latent minus this one; in the sampler's "
+                                  "latent units). For a 16-bit model it is "
                                   "raised to what its rounding lets a step reach (fp16 3e-4, bf16 2e-3).")
 
 
@@ -96,10 +125,12 @@ class ExactInversionSampler(io.ComfyNode):
             display_name="Exact Inversion Sampler",
             category=f"{CATEGORY}/samplers",
             description=(
-                "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that inverts ComfyUI's euler/ddim, heun, "
-                "dpm_2 or dpmpp_2m exactly (backward Euler, Hong et al. 2024): it finds the starting latent from which "
-                "that sampler, with the same sigmas, cfg and conditioning, regenerates this latent. Use it "
-                "with Inversion Sigmas (ascending) and add_noise off. " + ROUND_TRIP_RECIPE),
+                "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that inverts a deterministic ComfyUI sampler "
+                "exactly: it finds the starting latent from which that sampler, with the same sigmas, cfg and "
+                "conditioning, regenerates this latent. euler/ddim, heun and dpm_2: backward Euler per step (Hong "
+                "et al. 2024). The others: shooting through the sampler's own code (naive inversion as "
+                "preconditioner); dpmpp_2m_backward_euler is the paper's dpmpp_2m algorithm. Use it with "
+                "Inversion Sigmas (ascending) and add_noise off. " + ROUND_TRIP_RECIPE),
             inputs=[
                 io.Combo.Input("sampler", options=list(EXACT_INVERSIONS), default="euler",
                                tooltip="The sampler you will regenerate with (ddim is euler in ComfyUI)."),
@@ -153,9 +184,9 @@ class InvertLatent(io.ComfyNode):
                 "this latent (exact: backward Euler; naive: FlipSigmas + euler). " + ROUND_TRIP_RECIPE +
                 " At high cfg several noises can give the same image: judge by the regenerated latent."),
             inputs=[
-                *inversion_node_inputs("The sampler you will regenerate with. Only euler, ddim, heun, dpm_2 and "
-                                       "dpmpp_2m can be inverted; the full list is offered so the widget can be "
-                                       "shared with a KSampler."),
+                *inversion_node_inputs("The sampler you will regenerate with. Every deterministic sampler "
+                                       "can be inverted; ancestral, SDE and other stochastic ones are refused. The "
+                                       "full list is offered so the widget can be shared with a KSampler."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The steps you will regenerate with."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The cfg you will regenerate with."),

@@ -15,8 +15,13 @@ from ..inversion_ops.common import reachable_tolerance
 CATEGORY = "inversion"
 
 # ComfyUI sampler names whose update is deterministic and has an inverse here, and the inverse each
-# takes. "ddim" runs ComfyUI's sample_euler, so it inverts exactly like "euler".
-INVERSE_OF = {"euler": "euler", "ddim": "euler", "heun": "heun", "dpm_2": "dpm_2", "dpmpp_2m": "dpmpp_2m"}
+# takes. "ddim" runs ComfyUI's sample_euler, so it inverts exactly like "euler"; the rest invert
+# their own ComfyUI function by shooting (nodes/exact.py).
+SHOT_SAMPLERS = ("dpmpp_2m", "lms", "deis", "ipndm", "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep",
+                 "gradient_estimation", "heunpp2", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
+                 "gradient_estimation_cfg_pp", "euler_cfg_pp")
+INVERSE_OF = {"euler": "euler", "ddim": "euler", "heun": "heun", "dpm_2": "dpm_2",
+              **{name: name for name in SHOT_SAMPLERS}}
 INVERTIBLE_SAMPLERS = tuple(INVERSE_OF)
 STOCHASTIC_SAMPLERS = ("ddpm", "lcm", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
 
@@ -30,7 +35,8 @@ def round_trip_recipe(sampler="the same sampler"):
         "sigmas = BasicScheduler, latent_image = the inverted latent. EPS / V models, or any model at "
         "denoise < 1: also KSampler (Advanced) with add_noise disabled, or SamplerCustom with add_noise off. "
         "Flow models at full denoise (sigma_max = 1) need the universal recipe: with add_noise off, ComfyUI "
-        "multiplies the start latent by 1 - sigma = 0.")
+        "multiplies the start latent by 1 - sigma = 0. dpm_2 and uni_pc: regenerate with BasicScheduler's sigmas "
+        "(SamplerCustom / SamplerCustomAdvanced); KSampler drops their penultimate sigma.")
 
 
 def check_invertible_sampler(sampler_name):
