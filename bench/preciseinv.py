@@ -38,7 +38,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import preciseinv_analytic  # noqa: E402
-from common import PeakMemory, markdown_table, result_path, write_results  # noqa: E402
+from common import PeakMemory, machine, markdown_table, result_path, write_results  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
 from inversion_ops.exact import exact_inversion_euler  # noqa: E402
 from common import ddim_inversion  # noqa: E402
@@ -285,12 +285,20 @@ def plot(rows, path):
 
 
 MEMORY_LATENT = 32   # latent side for the memory rows: 256 px images for the tiny SD1.5 layout
+MEMORY_NOTE = (" preciseinv_peak_ratio_vs_sampling: peak memory (weights included, above a running ComfyUI "
+               "with torch._dynamo imported: the 'torch._dynamo import' row gives that import's own cost) of "
+               "PreciseInv inverting (eta 1e-5, max_iterations 10, blocks recomputed in the backward pass) over "
+               f"plain euler sampling, 4 steps, cfg 1, batch 1, {8 * MEMORY_LATENT} px, tiny SD1.5 layout, "
+               "each in a fresh process.")
 
 
 def memory_worker(method, out_path):
     """Peak memory of plain euler sampling, or of PreciseInv inverting, 4 steps on the tiny SD1.5-layout
     model at 256 px, weights included: above the level of a running ComfyUI before the model loads
-    (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated)."""
+    (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated). torch._dynamo, which torch.utils.checkpoint
+    imports on its first call, is part of that level in both workers: a fixed cost of code, once per
+    process, that the row "torch._dynamo import" measures on its own."""
+    import importlib
     import math
 
     from tests.support.comfy_runtime import InProcessComfy
@@ -299,6 +307,13 @@ def memory_worker(method, out_path):
     import comfy.model_management
     import comfy.samplers
     sampling, pi = runtime.pack_module("nodes.sampling"), runtime.pack_module("nodes.preciseinv")
+    if method == "torch._dynamo import":
+        meter, start = PeakMemory(), time.perf_counter()
+        importlib.import_module("torch._dynamo")
+        json.dump({"method": method, "peak_mem_mb": meter.peak_mb(), "seconds": time.perf_counter() - start},
+                  open(out_path, "w"))
+        return
+    importlib.import_module("torch._dynamo")
     meter = PeakMemory()
     with torch.inference_mode():
         model = runtime.nodes.UNETLoader().load_unet(MODELS["sd15"]["unet"], "default")[0]
@@ -318,8 +333,8 @@ def memory_rows():
     """Plain sampling and PreciseInv, each in a fresh process (peak memory is per process)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("sampling", "preciseinv"):
-            out = os.path.join(tmp, f"{method}.json")
+        for method in ("sampling", "preciseinv", "torch._dynamo import"):
+            out = os.path.join(tmp, "worker.json")
             subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-worker", method, out], check=True,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")])})
             r = json.load(open(out))
@@ -374,9 +389,7 @@ def main(quick: bool = False):
              "regenerated latent against its decode of x0, cfg 1 (suffix _cfg3: cfg 3; _photo: x0 = photos "
              "encoded, PSNR against the photo, the paper's protocol). Paper anchor +5.31 dB (SD1.4, T=2: "
              "25.93 vs 20.62 against the photo). seconds_ratio_vs_exact: PreciseInv eta 1e-5 over exact "
-             "backward Euler at T = 4, SD1.5 layout, x0 generated, cfg 1. preciseinv_peak_ratio_vs_sampling: peak "
-             "memory (weights included, above a running ComfyUI) of PreciseInv inverting over plain euler "
-             f"sampling, 4 steps, {8 * MEMORY_LATENT} px, tiny SD1.5 layout, each in a fresh process.")
+             "backward Euler at T = 4, SD1.5 layout, x0 generated, cfg 1." + MEMORY_NOTE)
     path = write_results("preciseinv", rows, summary, quick, notes)
     plot(rows, result_path("preciseinv", "png", quick))
     print(markdown_table([r for r in rows if "method" in r and r["part"] != "memory"], COLUMNS))
@@ -388,8 +401,30 @@ def main(quick: bool = False):
     return summary
 
 
+def memory_only(quick):
+    """`python bench/preciseinv.py --memory-only [--quick]`: the memory rows and their summary key alone,
+    written into the existing result file; the rows carry the commit and date they were measured at."""
+    path = result_path("preciseinv", "json", quick)
+    with open(path) as f:
+        result = json.load(f)
+    measured = {k: machine()[k] for k in ("commit", "date")}
+    rows = [dict(r, **measured) for r in memory_rows()]
+    result["rows"] = [r for r in result["rows"] if r["part"] != "memory"] + rows
+    memory = {r["method"]: r["peak_mem_mb"] for r in rows}
+    result["summary"]["preciseinv_peak_ratio_vs_sampling"] = memory["preciseinv"] / memory["sampling"]
+    note = (f" Memory rows rerun alone (--memory-only) at commit {measured['commit']}, {measured['date']}, "
+            f"same machine kind; the other rows are from the run in `machine`.")
+    result["notes"] = result["notes"].split(" preciseinv_peak_ratio_vs_sampling:")[0] + MEMORY_NOTE + note
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    print(f"preciseinv_peak_ratio_vs_sampling {result['summary']['preciseinv_peak_ratio_vs_sampling']:.2f}; "
+          f"wrote {path}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
         memory_worker(sys.argv[2], sys.argv[3])
+    elif "--memory-only" in sys.argv:
+        memory_only(quick="--quick" in sys.argv)
     else:
         main(quick="--quick" in sys.argv)

@@ -4,20 +4,20 @@ below, for 1 to 50 steps (2- and 4-step few-step settings included). As a SAMPLE
 SamplerCustom / SamplerCustomAdvanced over Inversion Sigmas, and as one "Invert Latent" node.
 
 The maths is in inversion_ops.preciseinv; the guider / sigma plumbing in nodes/sampling.py. What
-is here is what backpropagating through ComfyUI's model needs: a full model load, and weights
-autograd can use (ComfyUI loads weights inside torch.inference_mode(), and autograd refuses to
+is here is what backpropagating through ComfyUI's model needs: a full model load whose blocks
+recompute their activations in the backward pass (nodes/recompute.py), weights autograd can use (ComfyUI loads weights inside torch.inference_mode(), and autograd refuses to
 save inference tensors for the input gradient), with a clear refusal when the model still cannot
 be differentiated.
 """
 import contextlib
 
-import comfy.model_management
 import comfy.model_patcher
 import torch
 from comfy_api.latest import io
 
 from ..inversion_ops import preciseinv as ops
 from ..inversion_ops.common import StepLog
+from . import recompute
 from .sampling import (CATEGORY, InversionKSampler, check_invertible_sampler, check_latent_channels,
                        invert_whole_latent, inversion_node_inputs, round_trip_recipe)
 from .sigmas import inversion_sigmas
@@ -111,17 +111,21 @@ def differentiable_preciseinv(model, x, sigmas, extra_args=None, callback=None, 
 
 
 class PreciseInvKSampler(InversionKSampler):
-    """InversionKSampler that fully loads the guider's models and lends autograd usable weights."""
+    """InversionKSampler that fully loads the guider's models, the diffusion model's blocks recomputing
+    their activations in the backward pass (`recompute`), and lends autograd usable weights."""
+
+    def __init__(self, sampler_function, extra_options=None, inpaint_options=None, recompute=True):
+        super().__init__(sampler_function, extra_options or {}, inpaint_options or {})
+        self.recompute = recompute
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
-        patchers = _models_of(model_wrap)
-        if patchers:   # newer ComfyUI offloads dynamically; backprop needs every weight resident
-            comfy.model_management.load_models_gpu(patchers, force_full_load=True)
-        modules = [p.model for p in patchers if isinstance(getattr(p, "model", None), torch.nn.Module)]
-        with autograd_weights(modules):
-            return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
-                                  denoise_mask, disable_pbar)
+        # newer ComfyUI offloads dynamically; backprop needs every weight resident
+        with recompute.loaded_for_backprop(_models_of(model_wrap), self.recompute) as patchers:
+            modules = [p.model for p in patchers if isinstance(getattr(p, "model", None), torch.nn.Module)]
+            with autograd_weights(modules):
+                return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
+                                      denoise_mask, disable_pbar)
 
 
 def preciseinv_sampler(tolerance, max_iterations, lr=ops.LR, log=None):

@@ -187,16 +187,21 @@ def _weights_record(model):
             "requires_grad": [p.requires_grad for p in params],
             "checksum": sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for p in params),
             "model_options": repr(model.model_options),
-            "patches": repr(sorted(model.patches))}
+            "patches": repr(sorted(model.patches)),
+            "object_patches": {k: id(v) for k, v in model.object_patches.items()},
+            # the module tree, and no instance attribute (a patched forward) left on any module
+            "modules": [(name, id(m), type(m), sorted(vars(m))) for name, m in model.model.named_modules()]}
 
 
 def test_gradients_never_reach_the_sd15_unet_and_the_model_is_unchanged(comfy):
     preciseinv_nodes = comfy.pack_module("nodes.preciseinv")
+    import comfy.model_management as comfy_model_management
     with torch.inference_mode():
         model = load_unet(comfy, "tiny_sd15_eps.safetensors")
         positive, negative = conditioning(comfy, SD15, 1), conditioning(comfy, SD15, 2)
         latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
         latent_before = latent["samples"].clone()
+        comfy_model_management.load_models_gpu([model])   # ComfyUI's own load marks the layers it loaded
         before = _weights_record(model)
         noise, info = preciseinv_nodes.invert_latent(model, positive, negative, latent, "ddim", "simple", 2, 2.0,
                                                      1e-5 ** 0.5, max_iterations=2)
@@ -204,8 +209,45 @@ def test_gradients_never_reach_the_sd15_unet_and_the_model_is_unchanged(comfy):
     assert info.model_calls_backward > 0, "the UNet was backpropagated through"
     assert torch.isfinite(noise["samples"]).all() and noise["samples"].shape == (1, 4, 8, 8)
     assert all(p.grad is None for p in model.model.parameters())
-    assert after == before, "same weight objects, requires_grad, values, model_options and patches"
+    assert after == before, "same weight objects, requires_grad, values, options, patches and module tree"
     assert torch.equal(latent["samples"], latent_before)
+
+
+def _invert_with(comfy, model, positive, latent, recompute):
+    """PreciseInv through its SAMPLER, blocks recomputed in the backward pass or their activations kept."""
+    pi, sampling, sigmas = (comfy.pack_module(f"nodes.{m}") for m in ("preciseinv", "sampling", "sigmas"))
+    sampler = pi.PreciseInvKSampler(pi.differentiable_preciseinv, dict(tolerance=1e-5 ** 0.5, max_iterations=3,
+                                                                       lr=0.2), recompute=recompute)
+    return sampling.run_sampler(model, positive, positive, 2.0, latent, sampler,
+                                sigmas.inversion_sigmas(model, "simple", 2))["samples"]
+
+
+@pytest.mark.parametrize("name, family, channels", [("tiny_sd15_eps.safetensors", SD15, 4),
+                                                     ("tiny_sd3_flow.safetensors", SD3, 16)])
+def test_recomputing_blocks_in_the_backward_pass_gives_the_same_inversion(comfy, name, family, channels):
+    # The recomputation runs the blocks' own ops again on the same inputs: the gradients, and so the
+    # iterates, are those of the run that keeps every activation (measured bit-identical on the CPU);
+    # 1e-6 leaves room for kernels whose reductions are not run to run deterministic.
+    recompute = comfy.pack_module("nodes.recompute")
+    with torch.inference_mode():
+        model = load_unet(comfy, name)
+        positive = conditioning(comfy, family, 1)
+        latent = {"samples": torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(0))}
+        blocks = list(recompute.blocks(model.get_model_object("diffusion_model")))
+        assert blocks, "the diffusion model's blocks were found"
+        # a layer inside a block runs once more per backward pass when the block is recomputed
+        layer = next(m for m in blocks[0][1].modules() if next(m.children(), None) is None)
+        runs, calls, out = [], {}, {}
+        handle = layer.register_forward_hook(lambda *_: runs.append(1))
+        try:
+            for recompute_blocks in (False, True):
+                before = len(runs)
+                out[recompute_blocks] = _invert_with(comfy, model, positive, latent, recompute_blocks)
+                calls[recompute_blocks] = len(runs) - before
+        finally:
+            handle.remove()
+    assert calls[True] > calls[False], calls
+    torch.testing.assert_close(out[True], out[False], atol=1e-6, rtol=0)
 
 
 def test_batch_of_two_with_per_sample_conditioning_inverts_each_sample(comfy):
