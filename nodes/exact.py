@@ -73,10 +73,11 @@ def residual_ui(log, method, sampler):
                               model_calls=log.model_calls)
     if sampler in SHOT_SAMPLERS:
         errors = log.series("residual")
+        best = max(min(per_sample) for per_sample in zip(*errors))   # the worst sample's returned iterate
         summary = (f"{sampler}: {log.model_calls} model calls, {len(errors)} shooting iterations, "
-                   f"regeneration error {max(errors[-1]):.2e}")
+                   f"regeneration error {best:.2e}")
         if any(log.series("hit_cap")[-1]):
-            summary += " (not within tolerance: the budget or the iteration cap stopped it; best iterate returned)"
+            summary += " (above tolerance: it levelled off or ran out of budget; the best iterate is returned)"
         return convergence_ui("Shooting: regeneration error per iteration", errors, "iteration", "RMS",
                               summary=summary, model_calls=log.model_calls)
     final_pass = log.series("residual", last_pass=True)
