@@ -128,6 +128,8 @@ def output_kind(name):
 
 def method_of(workflow):
     types = {n["type"] for n in workflow["nodes"]}
+    if "TreeRingNoise" in types or "TreeRingDetect" in types:
+        return "Tree-Ring watermark" + (" (detect)" if "TreeRingDetect" in types else " (generate)")
     if "RFInversionEdit" in types:
         return "RF-Inversion Edit (one node)"
     if "RFForwardSampler" in types:

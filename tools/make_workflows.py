@@ -331,12 +331,70 @@ def rf_inversion_one_node(wf):
     return "RF-Inversion (one node)"
 
 
+def tree_ring_generate(wf):
+    """6. Generate a Tree-Ring watermarked image: Tree-Ring Noise as SamplerCustomAdvanced's noise."""
+    steps, cfg, sampler, scheduler = 20, 5.0, "euler", "normal"
+    ckpt = wf.node("CheckpointLoaderSimple", (COL[0], 0), ckpt_name=SD15)
+    pos = wf.node("CLIPTextEncode", (COL[1], 0), title="Prompt", extra_height=40, clip=ckpt[1], text=SOURCE_PROMPT)
+    neg = wf.node("CLIPTextEncode", (COL[1], 220), title="Negative", extra_height=40, clip=ckpt[1],
+                  text=NEGATIVE_PROMPT)
+    noise = wf.node("TreeRingNoise", (COL[1], 440), title="Tree-Ring Noise (keep key_seed secret)")
+    guider = wf.node("CFGGuider", (COL[2], 0), model=ckpt[0], positive=pos[0], negative=neg[0], cfg=cfg)
+    select = wf.node("KSamplerSelect", (COL[2], 160), sampler_name=sampler)
+    sigmas = wf.node("BasicScheduler", (COL[2], 280), model=ckpt[0], scheduler=scheduler, steps=steps, denoise=1.0)
+    empty = wf.node("EmptyLatentImage", (COL[2], 460), width=512, height=512, batch_size=1)
+    sample = wf.node("SamplerCustomAdvanced", (COL[3], 0), noise=noise[0], guider=guider[0], sampler=select[0],
+                     sigmas=sigmas[0], latent_image=empty[0])
+    dec = wf.node("VAEDecode", (COL[4], 0), samples=sample[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[4], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/tree_ring_watermarked")
+    wf.group("1. Watermarked noise", [ckpt, pos, neg, noise], GROUP_COLORS["input"])
+    wf.group("2. Sample as usual", [guider, select, sigmas, empty, sample], GROUP_COLORS["invert"])
+    wf.group("3. The watermarked image", [dec, save], GROUP_COLORS["output"])
+    wf.note(
+        "## Tree-Ring watermark (Wen et al. 2023)\n"
+        "Tree-Ring Noise is ComfyUI's seeded noise with a secret ring pattern in the Fourier spectrum of one "
+        "latent channel. The image looks like any other. Detect it with Tree-Ring Detect and the **same key_seed, "
+        "channel and radius** (radius 10 suits 512 px SD1.5 images: 64x64 latents).\n\n"
+        f"Detection is strongest with the generation's sampler, scheduler and steps ({sampler}, {scheduler}, "
+        f"{steps}).", (COL[3], 300), width=340, height=260)
+    return "Tree-Ring watermark (generate)"
+
+
+def tree_ring_detect(wf):
+    """7. Detect a Tree-Ring watermark in an image (e.g. a JPEG of workflow 6's output) by exact inversion."""
+    steps, sampler, scheduler = 20, "euler", "normal"
+    ckpt = wf.node("CheckpointLoaderSimple", (COL[0], 0), ckpt_name=SD15)
+    image = wf.node("LoadImage", (COL[0], 200), extra_height=290, title="The image to check (JPEG is fine)",
+                    image=INPUT_IMAGE)
+    size = wf.node("ImageScale", (COL[1], 440), title="Back to the generation size", image=image[0],
+                   upscale_method="lanczos", width=512, height=512, crop="disabled")
+    empty = wf.node("CLIPTextEncode", (COL[1], 0), title="Empty prompt (the paper's detection setting)",
+                    extra_height=40, clip=ckpt[1], text="")
+    detect = wf.node("TreeRingDetect", (COL[2], 0), width=340, extra_height=200, model=ckpt[0], positive=empty[0],
+                     negative=empty[0], image=size[0], vae=ckpt[2], sampler_name=sampler, scheduler=scheduler,
+                     steps=steps, cfg=1.0, method="exact")
+    wf.group("1. The image", [ckpt, image, size], GROUP_COLORS["input"])
+    wf.group("2. Invert to noise and compare with the key", [empty, detect], GROUP_COLORS["invert"])
+    wf.note(
+        "## Tree-Ring detection\n"
+        "Load the image to check (a JPEG is fine), with the model that made it and the **same key_seed, channel "
+        "and radius** as its Tree-Ring Noise. The node inverts the image to its noise (exact inversion) and shows "
+        "the p-value and the verdict on itself; its outputs can drive other nodes.\n\n"
+        "The p-value is the chance that an image **without** the watermark comes this close to the key. Other "
+        "keys' watermarks can come close too: the p-value tells watermarked from clean, not key from key.\n\n"
+        "The example photo carries no watermark: expect 'no watermark'.", (COL[3], 0), width=340, height=340)
+    return "Tree-Ring watermark (detect)"
+
+
 WORKFLOWS = {
     "exact_inversion_reconstruction": reconstruction,
     "exact_inversion_prompt_edit_sd15": prompt_edit,
     "preciseinv_few_step": preciseinv_few_step,
     "rf_inversion_edit_samplers_sd3": rf_inversion_samplers,
     "rf_inversion_edit_one_node_sd3": rf_inversion_one_node,
+    "tree_ring_watermark_generate_sd15": tree_ring_generate,
+    "tree_ring_watermark_detect_sd15": tree_ring_detect,
 }
 
 

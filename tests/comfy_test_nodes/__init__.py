@@ -4,6 +4,7 @@
 - EITestTinyFlux: the tiny Flux MODEL (Flux detection forces hidden 3072, so it has no file).
 - EITestCapture: saves a LATENT's, IMAGE's or SIGMAS' tensor to output/captures/<label>.safetensors,
   so in-process and server tests read results the same way.
+- EITestJPEG: an IMAGE saved as JPEG at a quality and read back with PIL (ComfyUI has no JPEG round-trip node).
 """
 import os
 
@@ -91,9 +92,32 @@ class EITestCapture(io.ComfyNode):
         return io.NodeOutput(ui={"captured": [path]})
 
 
+class EITestJPEG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="EITestJPEG", category="testing/exact_inversion",
+                         inputs=[io.Image.Input("image"), io.Int.Input("quality", default=75, min=1, max=100)],
+                         outputs=[io.Image.Output()])
+
+    @classmethod
+    def execute(cls, image, quality):
+        import io as bytes_io
+
+        import numpy as np
+        from PIL import Image
+        out = []
+        for frame in image:
+            buffer = bytes_io.BytesIO()
+            pixels = (frame[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+            buffer.seek(0)
+            out.append(torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255))
+        return io.NodeOutput(torch.stack(out))
+
+
 class TestNodes(ComfyExtension):
     async def get_node_list(self):
-        return [EITestRandomConditioning, EITestTinyFlux, EITestCapture]
+        return [EITestRandomConditioning, EITestTinyFlux, EITestCapture, EITestJPEG]
 
 
 async def comfy_entrypoint():
