@@ -12,18 +12,21 @@ returned iterate, so a preconditioned root that does not regenerate is never rep
 import torch
 
 from .common import CountedModel, append_dims, check_sigmas, per_sample_rms, report, work_dtype
-from .exact import TOLERANCE, _budget, exact_inversion_euler, naive_inversion
+from .exact import MAX_MODEL_CALLS_PER_STEP, TOLERANCE, _budget, exact_inversion_euler, naive_inversion
 from .solvers import solve_anderson
 
 MAX_ITERATIONS = 30        # shooting iterations; the analytic benchmark's converged cells took 4-31
 START_TOLERANCE = 1e-3     # the euler inversion that starts the run only needs to find the basin
-# A sample stops once its regeneration error has not fallen 10% in this many iterations: on the tiny
+# A sample stops once its regeneration error has not fallen 10% in this many iterations (Anderson wanders
+# for a few before it gains again: at 6 a 10-step ipndm_v run on the analytic flow model at cfg 1 stopped at -21 dB
+# instead of -79 dB). On the tiny
 # random-weight models at cfg 5 the error levels off (1e-4 EPS, 1e-3 flow) and further iterations only spend
 # the budget.
-PATIENCE = 5
+PATIENCE = 8
 # Below this fraction of the latent's RMS a regeneration error is float32 rounding (about 100 ulp: ten
 # cfg-amplified steps); EPS latents of RMS ~30 level off at 1e-4 on the tiny models.
 RELATIVE_FLOOR = 1e-5
+SAFEGUARD = 10.0           # an iterate whose regeneration error exceeds this x the best is refused
 STARTS = ("euler", "naive")
 
 
@@ -50,6 +53,7 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
     # add hooks to model_options (cfg_pp) and the rest (patches) must stay
     counted, x = CountedModel(model), x.to(work_dtype(x))
     out_of_budget = _budget(counted, max_model_calls, len(sigmas) - 1)
+    limit = MAX_MODEL_CALLS_PER_STEP * (len(sigmas) - 1) if max_model_calls is None else max_model_calls
 
     def regenerate(z):
         # fresh copies: samplers may write into their schedule (uni_pc) or extra_args (cfg_pp)
@@ -60,7 +64,8 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
 
     target = naive(x)
     reachable = torch.clamp(RELATIVE_FLOOR * per_sample_rms(x), min=tolerance)
-    first = target if start == "naive" else exact_inversion_euler(counted, x, sigmas, extra_args, tolerance=START_TOLERANCE)
+    first = target if start == "naive" else exact_inversion_euler(
+        counted, x, sigmas, extra_args, tolerance=START_TOLERANCE, max_model_calls=max(limit - counted.calls, 1) if limit else 0)
     best = {"z": first, "error": None, "iteration": 0}
 
     def residual(z):
@@ -77,9 +82,15 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
         report(callback, i=best["iteration"], x=z, sigma=sigmas[-1], residual=error,
                hit_cap=best["error"] >= reachable, model_calls=counted.calls)
         best["iteration"] += 1
-        # a sample that regenerates, or whose error has levelled off, is finished
+        # a sample that regenerates, or whose error has levelled off, is finished; an iterate that
+        # regenerates far worse than the best is refused (a NaN residual: Anderson restarts that sample
+        # from its best iterate, more cautiously), since N can map it close to N(x) all the same
         done = append_dims((best["error"] < reachable) | (best["stale"] >= patience), z)
-        return torch.where(done, torch.zeros_like(z), naive(regenerated) - target)
+        worse = append_dims(error > SAFEGUARD * best["error"], z)
+        step = torch.where(worse, torch.full_like(z, float("nan")), naive(regenerated) - target)
+        return torch.where(done, torch.zeros_like(z), step)
 
-    solve_anderson(residual, first, tolerance, max_iterations, history=history, out_of_budget=out_of_budget)
+    # Anderson stops on our verdict alone (a finished sample's residual is exactly 0): a small preconditioned
+    # residual does not mean a small regeneration error where N maps several latents close together
+    solve_anderson(residual, first, 1e-30, max_iterations, history=history, out_of_budget=out_of_budget)
     return best["z"]

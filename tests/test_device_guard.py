@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from inversion_ops import decoder, exact, preciseinv, rf
+from inversion_ops import decoder, exact, multistep, preciseinv, rf
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser
 from tests.support.emulated_device import DEVICE, DeviceMismatch, EmulatedDevice, is_on_device
 from tests.support.metrics import nmse_db
+from tests.support.reference_samplers import sample_dpmpp_2m
 
 torch.set_num_threads(1)
 SHAPE = (4, 8, 8)
@@ -69,6 +70,8 @@ OPS = {
     "exact_dpmpp_2m": lambda m, x, s: exact.exact_inversion_dpmpp_2m(m, x, s, max_iterations=4, substeps=2,
                                                                      refine_passes=2),
     "preciseinv": lambda m, x, s: preciseinv.preciseinv(m, x, s, max_iterations=4),
+    "shooting_dpmpp_2m": lambda m, x, s: multistep.exact_inversion_shooting(m, x, s, sample=sample_dpmpp_2m,
+                                                                            max_iterations=3),
 }
 
 
@@ -140,6 +143,9 @@ def node_samplers(comfy, kind):
                 ("exact_euler", exact_nodes.inversion_sampler("euler", max_iterations=8), True),
                 ("exact_dpmpp_2m", exact_nodes.inversion_sampler("dpmpp_2m", max_iterations=4), True),
                 ("exact_heun", exact_nodes.inversion_sampler("heun", max_iterations=4), True),
+                ("exact_dpmpp_2m_backward_euler", exact_nodes.inversion_sampler("dpmpp_2m_backward_euler",
+                                                                                max_iterations=4), True),
+                ("shooting_lms", exact_nodes.inversion_sampler("lms", max_iterations=3), True),
                 ("preciseinv", pi_nodes.preciseinv_sampler(1e-3, 4), True)]
     if kind == "flow":
         samplers += [("rf_forward", rf_nodes.ControlledFlowSampler("forward", seed=1, gamma=0.5), True),
@@ -160,7 +166,9 @@ def test_node_samplers_run_on_the_device_through_comfyui_ksampler(comfy, comfy_p
             out = sampler.sample(guider, to(sigmas if ascending else sigmas.flip(0)), {"model_options": {}},
                                  lambda i, denoised, x, total: steps.append(i), to(torch.zeros_like(LATENT)),
                                  latent_image=to(LATENT))
-            assert steps == list(range(len(sigmas) - 1)) or name == "exact_dpmpp_2m", f"{name}: steps {steps}"
+            # one callback per step, but per pass (dpmpp_2m's paper algorithm) or per iteration (shooting)
+            assert steps == list(range(len(sigmas) - 1)) or "dpmpp_2m" in name or "shooting" in name, \
+                f"{name}: steps {steps}"
             return out
         cpu, device = run_both(call)
         assert torch.equal(cpu, device), name

@@ -367,18 +367,16 @@ def tree_ring_detect(wf):
     ckpt = wf.node("CheckpointLoaderSimple", (COL[0], 0), ckpt_name=SD15)
     image = wf.node("LoadImage", (COL[0], 200), extra_height=290, title="The image to check (JPEG is fine)",
                     image=INPUT_IMAGE)
-    size = wf.node("ImageScale", (COL[1], 440), title="Back to the generation size", image=image[0],
-                   upscale_method="lanczos", width=512, height=512, crop="disabled")
     empty = wf.node("CLIPTextEncode", (COL[1], 0), title="Empty prompt (the paper's detection setting)",
                     extra_height=40, clip=ckpt[1], text="")
     detect = wf.node("TreeRingDetect", (COL[2], 0), width=340, extra_height=200, model=ckpt[0], positive=empty[0],
-                     negative=empty[0], image=size[0], vae=ckpt[2], sampler_name=sampler, scheduler=scheduler,
+                     negative=empty[0], image=image[0], vae=ckpt[2], sampler_name=sampler, scheduler=scheduler,
                      steps=steps, cfg=1.0, method="exact")
-    wf.group("1. The image", [ckpt, image, size], GROUP_COLORS["input"])
+    wf.group("1. The image", [ckpt, image], GROUP_COLORS["input"])
     wf.group("2. Invert to noise and compare with the key", [empty, detect], GROUP_COLORS["invert"])
     wf.note(
         "## Tree-Ring detection\n"
-        "Load the image to check (a JPEG is fine), with the model that made it and the **same key_seed, channel "
+        "Load the image to check (a JPEG is fine, at the size it was generated), with the model that made it and the **same key_seed, channel "
         "and radius** as its Tree-Ring Noise. The node inverts the image to its noise (exact inversion) and shows "
         "the p-value and the verdict on itself; its outputs can drive other nodes.\n\n"
         "The p-value is the chance that an image **without** the watermark comes this close to the key. Other "
