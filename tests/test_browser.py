@@ -35,6 +35,10 @@ SCREENSHOTS = Path(os.environ.get("EI_BROWSER_ARTIFACTS", REPO / ".pytest_cache"
 SEARCH_BOX = ":is(input[placeholder='Search Nodes...'], input[placeholder='Add a node...']):visible"
 RUN_TIMEOUT = 400   # seconds for one workflow on a busy 2-core CPU
 IMAGE_SIZE = 32     # the example image is installed at 32 px: 4x4 latents keep the tiny SD1.5 UNet cheap
+# the same for workflows that start from an empty latent (512 px there: minutes for the tiny UNet on a CPU),
+# and Tree-Ring rings that fit a 4x4 latent
+TEST_SIZES = {"EmptyLatentImage": {"width": IMAGE_SIZE, "height": IMAGE_SIZE},
+              "TreeRingNoise": {"radius": 1}, "TreeRingDetect": {"radius": 1}}
 
 
 def _provision():
@@ -110,6 +114,16 @@ def _errors_of_interest(errors):
     harmless = ("Failed to load resource", "ERR_NAME_NOT_RESOLVED", "ERR_FAILED", "api.comfy.org",
                 "user.css", "ERR_INTERNET_DISCONNECTED")
     return [e for e in errors if not any(h in e for h in harmless)]
+
+
+def _shrink_for_the_test(ui):
+    """Set TEST_SIZES' widget values on the canvas, as a user would type them, before queueing."""
+    ui.js("""sizes => { for (const node of app.graph.nodes) {
+        for (const [name, value] of Object.entries(sizes[node.type] || {})) {
+            const widget = node.widgets?.find(w => w.name === name);
+            if (!widget) throw new Error(`${node.type} has no widget ${name}`);
+            widget.value = value;
+        } } }""", TEST_SIZES)
 
 
 def _queue_from_ui(ui, server):
@@ -197,6 +211,7 @@ def test_example_workflow_loads_queues_and_completes(server, ui, path):
     expected = ui_to_api(workflow, server.object_info())
     assert {k: (v["class_type"], v["inputs"]) for k, v in from_ui.items()} == \
         {k: (v["class_type"], v["inputs"]) for k, v in expected.items()}
+    _shrink_for_the_test(ui)
     start = time.perf_counter()
     entry = _queue_from_ui(ui, server)
     status = entry["status"]

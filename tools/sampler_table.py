@@ -1,7 +1,8 @@
 """The README's sampler decision table: every invertible ComfyUI sampler at 10 steps, cfg 5 on the tiny
 random-weight SD3-layout model (flow, and the same model sampled as EPS), through Invert Latent with its
 defaults. Generates x0 from seeded noise with ComfyUI's own sampler, inverts, regenerates from the inverted
-latent (Inverted Noise), and prints markdown rows: regenerated NMSE (dB) and model calls per step.
+latent (Inverted Noise), and prints markdown rows: regenerated NMSE (dB) and model calls per step. Also
+dpmpp_2m on the tiny SD1.5 layout: the paper's algorithm against shooting.
 
 `$COMFY_PYTHON tools/sampler_table.py` after `eval "$(bash tools/provision.sh)"`.
 """
@@ -36,8 +37,9 @@ def main():
     positive, negative = conditioning(1), conditioning(2)
     cells = {}
     for kind, (model, scheduler) in models.items():
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, 10).cpu()
         for name in SAMPLERS:
+            # per sampler: ComfyUI's uni_pc writes 0.001 over the last sigma of the schedule it is given
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, 10).cpu()
             noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))
             sampler = comfy.samplers.sampler_object(name)
             with torch.inference_mode():
@@ -53,12 +55,36 @@ def main():
             error = float((regen["samples"] - image["samples"]).pow(2).sum() / image["samples"].pow(2).sum())
             cells[kind, name] = (10 * math.log10(max(error, 1e-30)), out.ui["model_calls"][0] / 10)
             print(f"{kind} {name}: {cells[kind, name][0]:.1f} dB, {cells[kind, name][1]:.1f} calls/step", flush=True)
+    print()
+    paper_vs_shooting(runtime, sampling, exact_nodes)
     how = {"euler": "backward Euler", "ddim": "backward Euler (ddim runs euler)", "heun": "backward Euler, own step",
            "dpm_2": "backward Euler, own step"}
     print()
     for name in SAMPLERS:
         (fd, fc), (ed, ec) = cells["flow", name], cells["eps", name]
         print(f"| `{name}` | {how.get(name, 'shooting')} | {fd:.0f} dB, {fc:.0f} | {ed:.0f} dB, {ec:.0f} |")
+
+
+def paper_vs_shooting(runtime, sampling, exact_nodes):
+    """dpmpp_2m at 10 steps, cfg 5 on the tiny SD1.5-layout model: the paper's algorithm (with our refine
+    passes) against shooting, one 8x8 latent generated from seeded noise."""
+    import comfy.samplers
+    model = runtime.nodes.UNETLoader().load_unet("tiny_sd15_eps.safetensors", "default")[0]
+    common = runtime.pack_module("inversion_ops.common")
+    positive, negative = ([[torch.randn(1, 8, 768, generator=torch.Generator().manual_seed(s)), {}]] for s in (1, 2))
+    for key in ("dpmpp_2m_backward_euler", "dpmpp_2m"):
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 10).cpu()
+        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        sampler, log = comfy.samplers.sampler_object("dpmpp_2m"), common.StepLog()
+        with torch.inference_mode():
+            image = sampling.run_sampler(model, positive, negative, 5.0, {"samples": torch.zeros(1, 4, 8, 8)},
+                                         sampler, sigmas, noise=noise, seed=3)
+            inverted = sampling.invert_whole_latent(model, positive, negative, 5.0, image,
+                                                    exact_nodes.inversion_sampler(key, log=log), sigmas.flip(0))
+            regen = sampling.run_sampler(model, positive, negative, 5.0, inverted, sampler, sigmas)
+        error = float((regen["samples"] - image["samples"]).pow(2).sum() / image["samples"].pow(2).sum())
+        print(f"sd15 dpmpp_2m 10 steps cfg 5, {key}: {10 * math.log10(max(error, 1e-30)):.1f} dB, "
+              f"{log.model_calls / 10:.1f} calls/step", flush=True)
 
 
 if __name__ == "__main__":
