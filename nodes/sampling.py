@@ -2,6 +2,8 @@
 guider-driven run of the one-node versions, the NOISE that starts at an inverted latent, and input
 checks. Everything is derived from the model's `model_sampling`; no model family is named.
 """
+import itertools
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -139,10 +141,15 @@ class InversionKSampler(comfy.samplers.KSAMPLER):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        def on_step(*args):
+        reports = itertools.count()
+
+        def on_step(step, denoised, x, total_steps):
+            # one progress bar over the whole run: refine passes and shooting iterations report again
+            # after the last step, so the bar counts reports and grows its total instead of restarting
             comfy.model_management.throw_exception_if_processing_interrupted()
+            done = next(reports)
             if callback is not None:
-                callback(*args)
+                callback(done, denoised, x, max(total_steps, done + 1))
         run = self
         if "tolerance" in self.extra_options:   # a new KSAMPLER for this run: this object is shared
             tolerance = reachable_tolerance(self.extra_options["tolerance"], compute_dtype(model_wrap.inner_model))

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from tests.support.comfy_runtime import ComfyServer, tiny_models_dir  # noqa: E402
 from tests.support.tiny_models import USER_MODEL_ALIASES  # noqa: E402
-from tools.workflow_api import ui_to_api  # noqa: E402
+from tools.workflow_api import apply_overrides, tiny_overrides, ui_to_api  # noqa: E402
 
 WORKFLOW_DIR = REPO / "example_workflows"
 INPUT_IMAGE = WORKFLOW_DIR / "input" / "exact_inversion_coffee.jpg"
@@ -92,7 +92,7 @@ def reported_model_calls(entry):
 def run_workflow(server, path, reference):
     """Queue one UI workflow; return a row for the table and the images it saved."""
     workflow = json.loads(path.read_text())
-    prompt = ui_to_api(workflow, server.object_info())
+    prompt = apply_overrides(ui_to_api(workflow, server.object_info()), tiny_overrides(reference.shape[0]))
     start = time.perf_counter()
     prompt_id = server.queue(prompt)
     entry = server.wait(prompt_id, timeout=600)

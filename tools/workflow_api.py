@@ -95,3 +95,20 @@ def ui_to_api(workflow, object_info):
         prompt[str(node_id)] = {"class_type": kind, "inputs": inputs,
                                 "_meta": {"title": node.get("title", kind)}}
     return prompt
+
+
+def tiny_overrides(image_size):
+    """Widget values that fit the example workflows to the tiny test models and a small input image:
+    empty latents at the input's size (512 px costs the tiny UNet minutes on a CPU) and Tree-Ring rings
+    that fit its latent (radius 1: any latent of 4x4 or more). {class_type: {input: value}}."""
+    return {"EmptyLatentImage": {"width": image_size, "height": image_size},
+            "TreeRingNoise": {"radius": 1}, "TreeRingDetect": {"radius": 1}}
+
+
+def apply_overrides(prompt, overrides):
+    """A copy of an API prompt with `overrides` (from tiny_overrides) set on the matching nodes."""
+    out = {}
+    for key, node in prompt.items():
+        inputs = {**node["inputs"], **overrides.get(node["class_type"], {})}
+        out[key] = {**node, "inputs": inputs}
+    return out
