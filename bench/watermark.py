@@ -10,7 +10,7 @@ inversion, under image attacks, on the ANALYTIC model (no ComfyUI, no trained di
              8-bit pixels 0.5 + (x - 0.5) / 4 clamped to [0, 1] (the decode's spread is about 4x [0, 1]'s)
   attacks    none, JPEG 75, 75% random crop + resize back, Gaussian blur sigma 1 px, Gaussian noise sigma 0.05,
              brightness x1.3 (PIL, on the 8-bit pixels)
-  methods    naive (FlipSigmas + euler), exact (backward Euler; dpmpp_2m with the refine passes, as Invert Latent).
+  methods    naive (FlipSigmas + euler), exact (as Invert Latent: backward Euler for euler, shooting for dpmpp_2m).
              "exact + decoder inversion" equals exact here: the LinearVAE's encoder is already its decoder's
              exact left inverse, so it is not run separately
   samplers   euler 50 steps and dpmpp_2m 10 steps
@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from common import markdown_table, result_path, write_results  # noqa: E402
-from inversion_ops import exact, watermark  # noqa: E402
+from inversion_ops import exact, multistep, watermark  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser  # noqa: E402
 from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler  # noqa: E402
@@ -89,7 +89,9 @@ def attack(pixels, name, rng):
 def inverters(sampler):
     if sampler == "euler":
         return {"naive": (exact.naive_inversion, {}), "exact": (exact.exact_inversion_euler, {})}
-    return {"naive": (exact.naive_inversion, {}), "exact": (exact.exact_inversion_dpmpp_2m, {})}
+    # dpmpp_2m: shooting through the sampler's own arithmetic, as Invert Latent inverts it
+    return {"naive": (exact.naive_inversion, {}),
+            "exact": (multistep.exact_inversion_shooting, {"sample": sample_dpmpp_2m})}
 
 
 def roc(clean, marked):

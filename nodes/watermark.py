@@ -145,7 +145,7 @@ class TreeRingDetect(io.ComfyNode):
                                                           "used, if known."),
                 io.Conditioning.Input("negative", tooltip="An empty prompt."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="The sampler to invert: euler, ddim, heun, dpm_2 or dpmpp_2m. Best: the one "
+                               tooltip="The sampler to invert (any deterministic one). Best: the one "
                                        "that generated the image."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
                                tooltip="The scheduler of the inversion (best: the generation's)."),
