@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 SUITE ?= all
 QUICK ?=
 
-.PHONY: test demo bench provision gpu-bundle gpu-check
+.PHONY: test demo bench provision dataset gpu-bundle gpu-check
 
 provision:
 	@$(PROVISION); echo "ComfyUI: $$COMFYUI_DIR"; echo "Python:  $$COMFY_PYTHON"
@@ -19,6 +19,10 @@ demo:
 
 bench:
 	@set -e; $(PROVISION); QUICK=$(QUICK) "$$COMFY_PYTHON" bench/run.py $(SUITE)
+
+# The captioned emoji image set for training the tiny models, extracted into the cache (tools/emoji_dataset.py).
+dataset:
+	@set -e; $(PROVISION); "$$COMFY_PYTHON" tools/emoji_dataset.py
 
 # On a machine with internet: ComfyUI's tree and the wheels a GPU machine lacks, into .gpu_bundle/.
 gpu-bundle:
