@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from common import markdown_table, result_path, write_results  # noqa: E402
+from exact_analytic import flow_sigmas, karras_sigmas  # noqa: E402
 from inversion_ops import exact, multistep  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
 from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
@@ -34,11 +35,8 @@ COLUMNS = ("model", "sampler", "steps", "cfg", "method", "regen_nmse_db", "noise
 
 
 def schedules(steps):
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    lo, hi, rho = 0.0292, 14.6146, 7.0
-    karras = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    return {"eps": torch.cat([karras, karras.new_zeros(1)]).float(), "flow": (3 * t / (1 + 2 * t)).float()}
+    """The analytic benchmark's schedules (karras for EPS, shift-3 flow from 1.0), float32 as ComfyUI holds them."""
+    return {"eps": karras_sigmas(steps), "flow": flow_sigmas(steps)}
 
 
 class AnalyticCFG:

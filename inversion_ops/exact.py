@@ -27,10 +27,14 @@ SUBSTEPS = 10           # fine naive sub-steps per interval for the paper's esti
 MAX_MODEL_CALLS_PER_STEP = 200
 
 
+def _call_limit(max_model_calls, steps):
+    """The model calls a run may make: max_model_calls, by default MAX_MODEL_CALLS_PER_STEP per step; 0 = no limit."""
+    return MAX_MODEL_CALLS_PER_STEP * steps if max_model_calls is None else max_model_calls
+
+
 def _budget(model, max_model_calls, steps):
-    """`out_of_budget()` for the solvers: True once `model` has made max_model_calls calls (default
-    MAX_MODEL_CALLS_PER_STEP per step; 0 = no budget)."""
-    limit = MAX_MODEL_CALLS_PER_STEP * steps if max_model_calls is None else max_model_calls
+    """`out_of_budget()` for the solvers: True once `model` has made `_call_limit` calls; None without a limit."""
+    limit = _call_limit(max_model_calls, steps)
     return (lambda: model.calls >= limit) if limit else None
 
 

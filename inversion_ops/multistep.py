@@ -11,8 +11,8 @@ returned iterate, so a preconditioned root that does not regenerate is never rep
 """
 import torch
 
-from .common import CountedModel, append_dims, check_sigmas, per_sample_rms, report, work_dtype
-from .exact import MAX_MODEL_CALLS_PER_STEP, TOLERANCE, _budget, exact_inversion_euler, naive_inversion
+from .common import CountedModel, check_sigmas, per_sample_rms, report, select, work_dtype
+from .exact import TOLERANCE, _budget, _call_limit, exact_inversion_euler, naive_inversion
 from .solvers import solve_anderson
 
 MAX_ITERATIONS = 30        # shooting iterations when called directly; the nodes pass their max_iterations input
@@ -36,8 +36,8 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
     """Exact inversion of `sample` (k-diffusion signature) over the ASCENDING `sigmas`.
 
     tolerance: RMS per element of Sample(x_T) - x, the regeneration error (raised to RELATIVE_FLOOR x the
-    RMS of x, where float32 rounding sits). start: 'euler' (exact
-    euler inversion at START_TOLERANCE) or 'naive'. Each iteration reports `residual` (the
+    RMS of x, where float32 rounding sits). start: 'euler' (exact euler inversion at START_TOLERANCE) or
+    'naive'. Each iteration reports `residual` (the
     regeneration error per sample), `hit_cap` (not yet within tolerance), `i` (the iteration) and
     `model_calls`. Returns each sample's iterate with the lowest regeneration error.
     """
@@ -52,7 +52,7 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
     # add hooks to model_options (cfg_pp) and the rest (patches) must stay
     counted, x = CountedModel(model), x.to(work_dtype(x))
     out_of_budget = _budget(counted, max_model_calls, len(sigmas) - 1)
-    limit = MAX_MODEL_CALLS_PER_STEP * (len(sigmas) - 1) if max_model_calls is None else max_model_calls
+    limit = _call_limit(max_model_calls, len(sigmas) - 1)
 
     def regenerate(z):
         # fresh copies: samplers may write into their schedule (uni_pc) or extra_args (cfg_pp)
@@ -63,8 +63,9 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
 
     target = naive(x)
     reachable = torch.clamp(RELATIVE_FLOOR * per_sample_rms(x), min=tolerance)
+    start_budget = max(limit - counted.calls, 1) if limit else 0   # the start spends the same budget
     first = target if start == "naive" else exact_inversion_euler(
-        counted, x, sigmas, extra_args, tolerance=START_TOLERANCE, max_model_calls=max(limit - counted.calls, 1) if limit else 0)
+        counted, x, sigmas, extra_args, tolerance=START_TOLERANCE, max_model_calls=start_budget)
     best = {"z": first, "error": None, "iteration": 0}
 
     def residual(z):
@@ -73,7 +74,7 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
         if best["error"] is None:
             best.update(error=error, mark=error, stale=torch.zeros_like(error, dtype=torch.long))
         better = error < best["error"]
-        best["z"] = torch.where(append_dims(better, z), z, best["z"])
+        best["z"] = select(better, z, best["z"])
         best["error"] = torch.minimum(error, best["error"])
         progress = best["error"] < 0.9 * best["mark"]
         best["mark"] = torch.where(progress, best["error"], best["mark"])
@@ -84,10 +85,10 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
         # a sample that regenerates, or whose error has levelled off, is finished; an iterate that
         # regenerates far worse than the best is refused (a NaN residual: Anderson restarts that sample
         # from its best iterate, more cautiously), since N can map it close to N(x) all the same
-        done = append_dims((best["error"] < reachable) | (best["stale"] >= patience), z)
-        worse = append_dims(error > SAFEGUARD * best["error"], z)
-        step = torch.where(worse, torch.full_like(z, float("nan")), naive(regenerated) - target)
-        return torch.where(done, torch.zeros_like(z), step)
+        done = (best["error"] < reachable) | (best["stale"] >= patience)
+        worse = error > SAFEGUARD * best["error"]
+        step = select(worse, torch.full_like(z, float("nan")), naive(regenerated) - target)
+        return select(done, torch.zeros_like(z), step)
 
     # Anderson stops on our verdict alone (a finished sample's residual is exactly 0): a small preconditioned
     # residual does not mean a small regeneration error where N maps several latents close together

@@ -39,7 +39,7 @@ def ring_key(key_seed, radius):
     """The key: one real value per ring, drawn on the CPU (identical on every machine) from N(0, 1/2),
     the law of the real part of a unit Gaussian latent's orthonormal Fourier coefficient."""
     g = torch.Generator().manual_seed(int(key_seed))
-    return torch.randn(radius, generator=g, dtype=torch.float64) * math.sqrt(0.5)
+    return torch.randn(radius, generator=g, dtype=torch.float64) * math.sqrt(0.5)  # cpu: one key on every machine
 
 
 def ring_index(height, width, radius, device=None):
@@ -102,6 +102,7 @@ def ring_distance(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
     check_ring_fits(latent.shape, channel, radius)
     ring = ring_index(latent.shape[-2], latent.shape[-1], radius, latent.device)
     spectrum = _spectrum(latent[:, channel])[:, ring > 0].cpu().to(torch.complex128)
+    # cpu: the key and the distance are float64 statistics, kept on the host
     key = torch.cat([torch.zeros(1, dtype=torch.float64), ring_key(key_seed, radius)])[ring[ring > 0].cpu()]
     return (spectrum - key).abs().mean(dim=1)
 
@@ -125,6 +126,7 @@ def detect(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
     check_ring_fits(latent.shape, channel, radius)
     z, (pair_rings, dc_ring) = ring_coefficients(latent, channel, radius)
     key = ring_key(key_seed, radius)
+    # cpu: like z, the statistics run in float64 on the host
     kappa = torch.cat([key[pair_rings - 1] * math.sqrt(2.0), torch.zeros(len(pair_rings), dtype=torch.float64),
                        key[dc_ring - 1]])
     d = z.shape[1]
@@ -135,7 +137,7 @@ def detect(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
     return {
         "distance": ring_distance(latent, key_seed, channel, radius),
         "statistic": statistic,
-        "p_value": torch.tensor([conditional_p_value(float(c), d) for c in correlation], dtype=torch.float64),
+        "p_value": torch.tensor([conditional_p_value(float(c), d) for c in correlation], dtype=torch.float64),  # cpu
         "p_value_plugin": torch.stack([ncx2_cdf(float(x), d, float(nc)) for x, nc in zip(statistic, noncentrality)]),
         "correlation": correlation,
         "degrees_of_freedom": d,
@@ -186,7 +188,7 @@ def _beta_fraction(a, b, x, iterations=10000, eps=1e-15):
 def ncx2_cdf(x, df, nc):
     """Noncentral chi-squared CDF in float64 on the CPU: the Poisson(nc / 2) mixture of central chi-squared
     CDFs, sum_j Pois(j) P(df / 2 + j, x / 2), over the terms that carry the Poisson mass."""
-    x = torch.as_tensor(x, dtype=torch.float64)
+    x = torch.as_tensor(x, dtype=torch.float64)   # cpu: small float64 series (Apple GPUs have no float64)
     if nc <= 0:
         return torch.special.gammainc(torch.tensor(df / 2.0, dtype=torch.float64), x / 2)
     mean = nc / 2.0

@@ -5,7 +5,6 @@
 """
 import functools
 
-import comfy.k_diffusion.sampling
 import comfy.samplers
 from comfy_api.latest import io
 
@@ -17,23 +16,24 @@ from .sampling import (CATEGORY, SHOT_SAMPLERS, InversionKSampler, InvertedNoise
 from .sigmas import inversion_sigmas
 from .ui import convergence_ui, schema
 
-def comfy_one_step(name):
-    """One step of ComfyUI's own sampler `name`, run over the two-sigma schedule it is given: the
-    black-box step that exact_inversion_one_step inverts (heun and dpm_2 step from sigma to
-    sigma_next with nothing else of the schedule)."""
-    sample = getattr(comfy.k_diffusion.sampling, f"sample_{name}")
-
-    def step(model, x, sigmas, extra_args):
-        return sample(model, x, sigmas, extra_args=extra_args, disable=True)
-    step.__name__ = f"one_step_{name}"
-    return step
-
 
 def comfy_sampler_function(name):
     """ComfyUI's own sampling function for `name`, with the options its KSAMPLER carries: the black
     box that exact_inversion_shooting inverts."""
     sampler = comfy.samplers.sampler_object(name)
     return functools.partial(sampler.sampler_function, **sampler.extra_options)
+
+
+def comfy_one_step(name):
+    """One step of ComfyUI's own sampler `name`, run over the two-sigma schedule it is given: the
+    black-box step that exact_inversion_one_step inverts (heun and dpm_2 step from sigma to
+    sigma_next with nothing else of the schedule)."""
+    sample = comfy_sampler_function(name)
+
+    def step(model, x, sigmas, extra_args):
+        return sample(model, x, sigmas, extra_args=extra_args, disable=True)
+    step.__name__ = f"one_step_{name}"
+    return step
 
 
 def _shooting(name):
