@@ -5,9 +5,9 @@ SamplerCustom / SamplerCustomAdvanced over Inversion Sigmas, and as one "Invert 
 
 The maths is in inversion_ops.preciseinv; the guider / sigma plumbing in nodes/sampling.py. What
 is here is what backpropagating through ComfyUI's model needs: a full model load whose blocks
-recompute their activations in the backward pass (nodes/recompute.py), weights autograd can use (ComfyUI loads weights inside torch.inference_mode(), and autograd refuses to
-save inference tensors for the input gradient), with a clear refusal when the model still cannot
-be differentiated.
+recompute their activations in the backward pass (nodes/recompute.py), weights autograd can use
+(ComfyUI loads weights inside torch.inference_mode(), and autograd refuses to save inference tensors
+for the input gradient), with a clear refusal when the model still cannot be differentiated.
 """
 import contextlib
 
