@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 SUITE ?= all
 QUICK ?=
 
-.PHONY: test demo bench provision dataset gpu-bundle gpu-check
+.PHONY: test demo bench provision dataset models gpu-bundle gpu-check
 
 provision:
 	@$(PROVISION); echo "ComfyUI: $$COMFYUI_DIR"; echo "Python:  $$COMFY_PYTHON"
@@ -23,6 +23,10 @@ bench:
 # The captioned emoji image set for training the tiny models, extracted into the cache (tools/emoji_dataset.py).
 dataset:
 	@set -e; $(PROVISION); "$$COMFY_PYTHON" tools/emoji_dataset.py
+
+# Retrain the tiny models in models/ from the emoji set on this CPU (about 70 minutes; models/README.md).
+models: dataset
+	@set -e; $(PROVISION); for stage in vae vae16 embed eps flow; do "$$COMFY_PYTHON" tools/train_models.py $$stage; done
 
 # On a machine with internet: ComfyUI's tree and the wheels a GPU machine lacks, into .gpu_bundle/.
 gpu-bundle:

@@ -226,7 +226,7 @@ def test_convergence_view_draws_on_decoder_inversion_node(server, ui):
     from PIL import Image
     wf = Workflow(server.object_info(), "convergence_view")
     vae = wf.node("VAELoader", (0, 0), vae_name="tiny_taesd_trained.safetensors")
-    image = wf.node("LoadImage", (0, 150), extra_height=290, image="exact_inversion_coffee.jpg")
+    image = wf.node("LoadImage", (0, 150), extra_height=290, image="exact_inversion_cat_face.png")
     enc = wf.node("DecoderInversion", (360, 0), width=320, vae=vae[0], image=image[0], max_iterations=30)
     dec = wf.node("VAEDecode", (720, 0), samples=enc[0], vae=vae[0])
     wf.node("PreviewImage", (720, 120), extra_height=200, images=dec[0])

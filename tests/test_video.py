@@ -102,7 +102,7 @@ def decoder_inversion_graph():
     encoder and forward_step methods."""
     g = Graph()
     vae = g.node("VAELoader", vae_name="tiny_wan21_vae.safetensors").out
-    frame = g.node("LoadImage", image="exact_inversion_coffee.jpg")[0]
+    frame = g.node("LoadImage", image="exact_inversion_cat_face.png")[0]
     frame = g.node("ImageScale", image=frame, upscale_method="bilinear", width=64, height=64, crop="center").out
     frames = g.node("RepeatImageBatch", image=frame, amount=9).out
     g.node("EITestCapture", label="vae_encode", latent=g.node("VAEEncode", pixels=frames, vae=vae).out)

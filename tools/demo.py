@@ -1,12 +1,12 @@
 """`make demo`: run every shipped example workflow on a headless ComfyUI and report what it did.
 
 The workflows are queued unchanged through the HTTP API (converted with tools.workflow_api.ui_to_api),
-with the users' model names mapped onto the tiny random-weight models (tests/support/tiny_models.py) and
-the example image downscaled to 64 px (the tiny models run on a CPU in seconds at that size).
+with the users' checkpoint names mapped onto the tiny models trained on the emoji set (models/README.md,
+tests/support/tiny_models.py) and the example image at 128 px, the size they were trained at.
 Images go to demo_output/; one table is printed: workflow, method, reconstruction NMSE/PSNR against
 the input, the inversion's model calls as the nodes report them, and seconds.
 
-    $COMFY_PYTHON tools/demo.py [--size 64] [--thumbnails]   # --thumbnails also writes example_workflows/*.jpg
+    $COMFY_PYTHON tools/demo.py [--size 128] [--thumbnails]   # --thumbnails also writes example_workflows/*.jpg
 """
 import argparse
 import json
@@ -29,14 +29,14 @@ from tests.support.tiny_models import USER_MODEL_ALIASES  # noqa: E402
 from tools.workflow_api import apply_overrides, tiny_overrides, ui_to_api  # noqa: E402
 
 WORKFLOW_DIR = REPO / "example_workflows"
-INPUT_IMAGE = WORKFLOW_DIR / "input" / "exact_inversion_coffee.jpg"
+INPUT_IMAGE = WORKFLOW_DIR / "input" / "exact_inversion_cat_face.png"
 OUT_DIR = REPO / "demo_output"
 # ComfyUI runs text encoders in fp16 on a CPU, which is about 5x slower there than fp32
 SERVER_ARGS = ("--fp32-text-enc",)
 # One torch thread: on a shared 2-core machine two threads per process made the tiny UNet's calls
 # about 8x slower (measured 411 ms vs 70 ms per batch-2 call at 4x4 latents) than one.
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY_LABEL = "tiny random-weight models (make demo)"
+TINY_LABEL = "tiny models trained on 20 emoji captions (make demo; models/README.md)"
 
 
 def workflow_paths():
@@ -47,8 +47,8 @@ def install_input_image(base, size):
     """The example image under its own name in the server's input/, downscaled to size x size."""
     image = Image.open(INPUT_IMAGE).convert("RGB").resize((size, size), Image.LANCZOS)
     (Path(base) / "input").mkdir(parents=True, exist_ok=True)
-    image.save(Path(base) / "input" / INPUT_IMAGE.name, quality=95)
-    # LoadImage decodes the JPEG again: compare against exactly what it reads
+    image.save(Path(base) / "input" / INPUT_IMAGE.name)
+    # compare against exactly what LoadImage reads
     return np.asarray(Image.open(Path(base) / "input" / INPUT_IMAGE.name).convert("RGB"), dtype=np.float64) / 255
 
 
@@ -181,7 +181,7 @@ def models_line(models_dir):
                     counts["VAE"] += n
         sizes = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items())
         parts.append(f"{Path(alias).name} -> {Path(target).name} ({sizes} params)")
-    return "Models used: tiny random-weight stand-ins (outputs are not meaningful pictures): " + "; ".join(parts)
+    return "Models used: the tiny trained models (models/README.md): " + "; ".join(parts)
 
 
 def format_table(rows):
@@ -207,7 +207,7 @@ def format_table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64, help="side of the input image the demo runs on")
+    parser.add_argument("--size", type=int, default=128, help="side of the input image the demo runs on")
     parser.add_argument("--thumbnails", action="store_true", help="also write example_workflows/<name>.jpg")
     parser.add_argument("--only", default="", help="run only workflows whose name contains this")
     args = parser.parse_args(argv)

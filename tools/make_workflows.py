@@ -7,7 +7,8 @@ files stay consistent with the nodes' schemas: re-run this after a node's inputs
     $COMFY_PYTHON tools/make_workflows.py --check    # fail if a committed file is out of date
 
 Each workflow loads models by the names users have (v1-5-pruned-emaonly.safetensors,
-sd3.5_medium.safetensors) and the image `exact_inversion_coffee.jpg` (example_workflows/input/).
+sd3.5_medium.safetensors) and the image `exact_inversion_cat_face.png` (example_workflows/input/: the
+"cat face" emoji of Noto Color Emoji, SIL OFL), with the captions the tiny trained models know as prompts.
 """
 import argparse
 import json
@@ -22,12 +23,12 @@ if str(REPO) not in sys.path:
 from tools.workflow_api import is_widget, ordered_inputs  # noqa: E402
 
 OUT_DIR = REPO / "example_workflows"
-INPUT_IMAGE = "exact_inversion_coffee.jpg"
+INPUT_IMAGE = "exact_inversion_cat_face.png"
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SD3 = "sd3.5_medium.safetensors"
-SOURCE_PROMPT = "a cup of coffee with latte art on a saucer, top view, photo"
-TARGET_PROMPT = "a cup of green matcha tea on a saucer, top view, photo"
-NEGATIVE_PROMPT = "blurry, low quality"
+SOURCE_PROMPT = "cat face"
+TARGET_PROMPT = "dog face"
+NEGATIVE_PROMPT = ""
 
 GROUP_COLORS = {"input": "#3f789e", "invert": "#8A8", "output": "#b06634", "edit": "#a1309b"}
 NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
@@ -381,7 +382,7 @@ def tree_ring_detect(wf):
         "the p-value and the verdict on itself; its outputs can drive other nodes.\n\n"
         "The p-value is the chance that an image **without** the watermark comes this close to the key. Other "
         "keys' watermarks can come close too: the p-value tells watermarked from clean, not key from key.\n\n"
-        "The example photo carries no watermark: expect 'no watermark'.", (COL[3], 0), width=340, height=340)
+        "The example image carries no watermark: expect 'no watermark'.", (COL[3], 0), width=340, height=340)
     return "Tree-Ring watermark (detect)"
 
 

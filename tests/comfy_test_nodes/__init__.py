@@ -70,12 +70,13 @@ class EITestCapture(io.ComfyNode):
             inputs=[io.String.Input("label", default="capture"),
                     io.Latent.Input("latent", optional=True),
                     io.Image.Input("image", optional=True),
-                    io.Sigmas.Input("sigmas", optional=True)],
+                    io.Sigmas.Input("sigmas", optional=True),
+                    io.Conditioning.Input("conditioning", optional=True)],
             outputs=[],
         )
 
     @classmethod
-    def execute(cls, label, latent=None, image=None, sigmas=None):
+    def execute(cls, label, latent=None, image=None, sigmas=None, conditioning=None):
         import folder_paths
         from safetensors.torch import save_file
         tensors = {}
@@ -85,6 +86,9 @@ class EITestCapture(io.ComfyNode):
             tensors["image"] = image
         if sigmas is not None:
             tensors["sigmas"] = sigmas
+        if conditioning is not None:
+            tensors["cond"] = conditioning[0][0]
+            tensors["pooled"] = conditioning[0][1]["pooled_output"]
         folder = os.path.join(folder_paths.get_output_directory(), "captures")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{label}.safetensors")

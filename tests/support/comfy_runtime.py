@@ -52,7 +52,8 @@ def _cache_root() -> Path:
 
 def tiny_models_dir() -> Path:
     """Build the tiny models once per machine (keyed on the builder's source), return the folder."""
-    sources = [REPO / "tests" / "support" / "tiny_models.py"] + ([TRAINED_VAE] if TRAINED_VAE.exists() else [])
+    trained = sorted((REPO / "models").glob("*.safetensors"))
+    sources = [REPO / "tests" / "support" / "tiny_models.py"] + trained
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     out = _cache_root() / f"models-{key}"
     if not (out / ".ready").exists():

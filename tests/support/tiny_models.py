@@ -12,6 +12,8 @@ Weights come from a fixed seed, so every build is identical; nothing here is com
       encoder (fp16, 123M params), so CLIPTextEncode works; the user-named aliases point at these.
       tiny_sd15_clip carries the trained tiny VAE instead of the random TAESD when it is given.
   vae/tiny_taesd_trained.safetensors the trained tiny VAE shipped in models/ (VAELoader), if present
+  checkpoints/tiny_sd15_trained.safetensors, tiny_sd3_trained.safetensors, vae/tiny_taesd3_trained.safetensors
+      the models trained on the emoji set (tools/train_models.py, models/README.md), assembled from models/
 Flux detection forces hidden 3072, so the tiny Flux is built in-process only (`tiny_flux_model`).
 Import this module only after ComfyUI is importable (COMFYUI_DIR on sys.path).
 """
@@ -199,6 +201,19 @@ def build_model_files(models_dir, trained_vae=None):
     save({**sd3, **{"first_stage_model." + k: v for k, v in taesd[16].items()},
           **{"text_encoders.clip_l." + k: v for k, v in clip_l.items()}},
          "checkpoints", "tiny_sd3_clip.safetensors")
+    if all(os.path.exists(f) for f in TRAINED_FILES):
+        # The trained models (models/README.md), as files users' loaders read: checkpoints with CLIP-L.
+        vae4, vae16 = trained_vae_state_dict(4), trained_vae_state_dict(16)
+        save(vae16, "vae", "tiny_taesd3_trained.safetensors")
+        save({**{"model.diffusion_model." + k: v for k, v in trained_sd15_state_dict().items()},
+              **{"first_stage_model." + k: v for k, v in vae4.items()},
+              **{"cond_stage_model." + k: v for k, v in clip_l.items()}},
+             "checkpoints", "tiny_sd15_trained.safetensors")
+        from safetensors.torch import load_file
+        save({**{"model.diffusion_model." + k: v for k, v in load_file(SD3_TRAINED).items()},
+              **{"first_stage_model." + k: v for k, v in vae16.items()},
+              **{"text_encoders.clip_l." + k: v for k, v in clip_l.items()}},
+             "checkpoints", "tiny_sd3_trained.safetensors")
     if trained_vae and os.path.exists(trained_vae):
         dest = os.path.join(models_dir, "vae", os.path.basename(trained_vae))
         if not os.path.exists(dest):
@@ -208,11 +223,128 @@ def build_model_files(models_dir, trained_vae=None):
     return written
 
 
+# ---------------------------------------------------------------- trained models (tools/train_models.py)
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models")
+TRAINED_VAE4 = os.path.join(MODELS, "tiny_taesd_trained.safetensors")
+VAE16_DELTA = os.path.join(MODELS, "tiny_taesd3_trained_delta.safetensors")
+SD15_DELTA = os.path.join(MODELS, "tiny_sd15_trained_delta.safetensors")
+SD3_TRAINED = os.path.join(MODELS, "tiny_sd3_trained.safetensors")
+TRAINED_FILES = (TRAINED_VAE4, VAE16_DELTA, SD15_DELTA, SD3_TRAINED)
+# The 16-channel VAE differs from the 4-channel one only next to the latent.
+VAE16_TRAINED_KEYS = ("taesd_encoder.13.", "taesd_encoder.14.", "taesd_decoder.1.", "taesd_decoder.3.")
+# The SD1.5-layout UNet is 25.8 M parameters (model_channels 320 is what ComfyUI detects as SD1.5), too
+# many to train on a CPU or commit. Its middle block and both output blocks' residual branches are zero
+# (exact identities); the input level, the output skip convs and the head are trained and stored;
+# everything else keeps the seeded values of `sd15_unet_state_dict`.
+SD15_FROZEN_ZERO = ("middle_block.0.out_layers.3.", "middle_block.1.proj_out.", "middle_block.2.out_layers.3.",
+                    "output_blocks.0.0.out_layers.3.", "output_blocks.0.1.proj_out.",
+                    "output_blocks.1.0.out_layers.3.", "output_blocks.1.1.proj_out.")
+SD15_TRAINED_PREFIXES = ("input_blocks.0.", "input_blocks.1.", "output_blocks.0.0.skip_connection.",
+                         "output_blocks.1.0.skip_connection.", "out.")
+
+
+def widen_taesd(sd4, channels, generator):
+    """A 4-channel TAESD state dict widened to `channels` latent channels: the encoder's extra outputs
+    start small and random, the decoder ignores them (zero weights) until trained."""
+    sd = {k: v.float().clone() for k, v in sd4.items()}
+    w, b = sd["taesd_encoder.14.weight"], sd["taesd_encoder.14.bias"]
+    extra = channels - w.shape[0]
+    sd["taesd_encoder.14.weight"] = torch.cat([w, 1e-2 * torch.randn((extra,) + w.shape[1:], generator=generator)])
+    sd["taesd_encoder.14.bias"] = torch.cat([b, torch.zeros(extra)])
+    w = sd["taesd_decoder.1.weight"]
+    sd["taesd_decoder.1.weight"] = torch.cat([w, torch.zeros((w.shape[0], extra) + w.shape[2:])], 1)
+    return sd
+
+
+def trained_vae_state_dict(channels):
+    """The trained tiny TAESD (4 channels), or the 16-channel one assembled from it and its delta."""
+    from safetensors.torch import load_file
+    sd4 = load_file(TRAINED_VAE4)
+    if channels == 4:
+        return sd4
+    sd = widen_taesd(sd4, 16, torch.Generator().manual_seed(0))
+    sd.update({k: v.float() for k, v in load_file(VAE16_DELTA).items()})
+    return {k: v.to(torch.float16) for k, v in sd.items()}
+
+
+def trained_sd15_base(seed=SEED):
+    """The seeded SD1.5-layout UNet with the frozen branches zeroed: what training starts from."""
+    sd = _strip(sd15_unet_state_dict(seed), "model.diffusion_model.")
+    for k in sd:
+        if k.startswith(SD15_FROZEN_ZERO):
+            sd[k] = torch.zeros_like(sd[k])
+    return sd
+
+
+def trained_sd15_state_dict():
+    from safetensors.torch import load_file
+    sd = trained_sd15_base()
+    sd.update({k: v.float() for k, v in load_file(SD15_DELTA).items()})
+    return {k: v.to(torch.float16) for k, v in sd.items()}
+
+
+def sd15_sparse_forward(unet, x, timesteps, context):
+    """ComfyUI's SD1.5 UNet forward without the zeroed branches (training shortcut; it equals the full
+    forward, which tools/train_models.py checks before and after training)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed, timestep_embedding
+    options = {"original_shape": list(x.shape), "transformer_index": 0, "block": ("input", 1)}
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(x.dtype))
+    h0 = forward_timestep_embed(unet.input_blocks[0], x, emb, context, options)
+    h1 = forward_timestep_embed(unet.input_blocks[1], h0, emb, context, options)
+    h = unet.output_blocks[0][0].skip_connection(torch.cat([h1, h1], 1))   # middle block: identity
+    h = unet.output_blocks[1][0].skip_connection(torch.cat([h, h0], 1))
+    return unet.out(h)
+
+
+CAPTION_EMBEDDINGS = os.path.join(MODELS, "caption_embeddings.json")
+
+
+def state_dict_sha256(sd):
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (sorted by name)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        v = sd[k].contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def embedding_fingerprint(cond, pooled):
+    """Six numbers per caption: the cond and pooled embeddings projected on fixed random directions
+    (CPU generator), so a stored file can check that a fresh build encodes captions as training did."""
+    g = torch.Generator().manual_seed(0)
+    cond, pooled = cond.flatten(1).float().cpu(), pooled.flatten(1).float().cpu()
+    p = torch.randn(cond.shape[1], 4, generator=g) / math.sqrt(cond.shape[1])
+    q = torch.randn(pooled.shape[1], 2, generator=g) / math.sqrt(pooled.shape[1])
+    return torch.cat([cond @ p, pooled @ q], 1)
+
+
+def caption_embeddings(layout, captions):
+    """CLIPTextEncode's (cond, pooled) for each caption through the CLIP-L that the tiny checkpoints carry,
+    computed once and cached (the training scripts' conditioning)."""
+    import hashlib
+    import json
+    import comfy.sd
+    from tests.support.comfy_runtime import tiny_models_dir
+    folder = tiny_models_dir()
+    key = hashlib.sha256(json.dumps([layout, list(captions), folder.name]).encode()).hexdigest()[:16]
+    path = folder / f"embeddings-{layout}-{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    ckpt = folder / "checkpoints" / f"tiny_{layout}_clip.safetensors"
+    clip = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_model=False)[1]
+    conds, pooled = zip(*(clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in captions))
+    out = {"captions": list(captions), "cond": torch.cat(conds).float(), "pooled": torch.cat(pooled).float()}
+    torch.save(out, path)
+    return out
+
+
 # Names users have in their own ComfyUI, mapped onto the tiny models, so that the shipped example
 # workflows run unchanged in tests and in `make demo`.
 USER_MODEL_ALIASES = {
-    "checkpoints/v1-5-pruned-emaonly.safetensors": "checkpoints/tiny_sd15_clip.safetensors",
-    "checkpoints/sd3.5_medium.safetensors": "checkpoints/tiny_sd3_clip.safetensors",
+    "checkpoints/v1-5-pruned-emaonly.safetensors": "checkpoints/tiny_sd15_trained.safetensors",
+    "checkpoints/sd3.5_medium.safetensors": "checkpoints/tiny_sd3_trained.safetensors",
     "unet/v1-5-unet.safetensors": "unet/tiny_sd15_eps.safetensors",
     "unet/sd3.5_medium.safetensors": "unet/tiny_sd3_flow.safetensors",
 }
