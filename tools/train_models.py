@@ -119,6 +119,27 @@ def save_fp16(sd, path, note):
 
 # ---------------------------------------------------------------- VAE (4 channels)
 
+def train_autoencoder(name, model, train, held, g, a):
+    """Pixel MSE on random crops (one offset per batch) of the uint8 train images; held-out PSNR logged."""
+    def batch(step):
+        idx = torch.randint(len(train), (a.batch,), generator=g)
+        y, x = torch.randint(0, 128 - a.crop + 1, (2,), generator=g).tolist()
+        x01 = train[idx, :, y:y + a.crop, x:x + a.crop].float() / 255
+        return F.mse_loss(roundtrip(model, x01), x01)
+
+    def evaluate():
+        with torch.no_grad():
+            return f"held-out PSNR {psnr(roundtrip(model, held), held):.2f} dB"
+
+    print(f"[{name}] init: {evaluate()}", flush=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    curve, steps, wall = train_loop(name, params, batch, a.minutes, a.lr, evaluate)
+    final = evaluate()
+    print(f"[{name}] done: {steps} steps in {wall:.0f} s; {final}", flush=True)
+    return curve, steps, wall, final
+
+
+
 def init_box_filter(model):
     """Exact 8x average-down / nearest-up through channels 0..2; every Block starts as the identity."""
     enc, dec = model.taesd_encoder, model.taesd_decoder
@@ -171,21 +192,8 @@ def stage_vae(a):
     model.vae_scale.requires_grad_(False)
     model.vae_shift.requires_grad_(False)
 
-    def batch(step):
-        idx = torch.randint(len(train), (a.batch,), generator=g)
-        y, x = torch.randint(0, 128 - a.crop + 1, (2,), generator=g).tolist()
-        x01 = train[idx, :, y:y + a.crop, x:x + a.crop].float() / 255
-        return F.mse_loss(roundtrip(model, x01), x01)
-
-    def evaluate():
-        with torch.no_grad():
-            return f"held-out PSNR {psnr(roundtrip(model, held), held):.2f} dB"
-
-    print(f"[vae] {len(train)} train / {len(held)} held-out images; init: {evaluate()}", flush=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    curve, steps, wall = train_loop("vae", params, batch, a.minutes, a.lr, evaluate)
-    final = evaluate()
-    print(f"[vae] done: {steps} steps in {wall:.0f} s; {final}", flush=True)
+    print(f"[vae] {len(train)} train / {len(held)} held-out images", flush=True)
+    curve, steps, wall, final = train_autoencoder("vae", model, train, held, g, a)
     set_latent_stats(model, pixels[train_idx])
     save_fp16(model.state_dict(), VAE4, "tiny TAESD-layout VAE (4 ch) trained on Noto emoji, see models/README.md")
     save_curve("vae", curve, steps=steps, seconds=round(wall), threads=torch.get_num_threads(),
@@ -225,21 +233,7 @@ def stage_vae16(a):
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(k) for k in VAE16_TRAINED_KEYS))
 
-    def batch(step):
-        idx = torch.randint(len(train), (a.batch,), generator=g)
-        y, x = torch.randint(0, 128 - a.crop + 1, (2,), generator=g).tolist()
-        x01 = train[idx, :, y:y + a.crop, x:x + a.crop].float() / 255
-        return F.mse_loss(roundtrip(model, x01), x01)
-
-    def evaluate():
-        with torch.no_grad():
-            return f"held-out PSNR {psnr(roundtrip(model, held), held):.2f} dB"
-
-    print(f"[vae16] init (= the 4-channel VAE): {evaluate()}", flush=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    curve, steps, wall = train_loop("vae16", params, batch, a.minutes, a.lr, evaluate)
-    final = evaluate()
-    print(f"[vae16] done: {steps} steps in {wall:.0f} s; {final}", flush=True)
+    curve, steps, wall, final = train_autoencoder("vae16", model, train, held, g, a)
     set_latent_stats(model, train, scale_factor=1.5305, shift_factor=0.0609)
     sd = model.state_dict()
     save_fp16({k: v for k, v in sd.items() if any(k.startswith(t) for t in VAE16_TRAINED_KEYS + ("vae_",))},
