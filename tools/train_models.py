@@ -9,7 +9,8 @@ Stages (each deterministic for a given machine and thread count; seeds fixed, CP
   flow       SD3-layout MMDiT (rectified flow) on the 16-channel latents  models/tiny_sd3_trained.safetensors
 The recipe, budgets and loss curves are in models/README.md; `bench/models.py` measures the results.
 
-Usage: $COMFY_PYTHON tools/train_models.py STAGE [--minutes M] (after `make dataset`)
+Usage: $COMFY_PYTHON tools/train_models.py STAGE [--minutes M | --steps N] (after `make dataset`); the defaults
+are the recipe that made the committed files (RECIPE).
 """
 import argparse
 import json
@@ -84,12 +85,14 @@ def cosine_lr(opt, base, step, frac, warmup=20):
         group["lr"] = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def train_loop(name, params, loss_fn, minutes, lr, evaluate=None, eval_every=60):
-    """Adam with warm-up and cosine decay over a wall-time budget; returns the loss curve."""
+def train_loop(name, params, loss_fn, minutes, lr, evaluate=None, eval_every=60, steps=None):
+    """Adam with warm-up and cosine decay over a wall-time budget, or over `steps` steps when given (then
+    the run does not depend on the machine's speed); returns the loss curve."""
     opt = torch.optim.Adam(params, lr=lr)
     budget, t0, step, last, curve = minutes * 60, time.perf_counter(), 0, -1e9, []
-    while (elapsed := time.perf_counter() - t0) < budget:
-        cosine_lr(opt, lr, step, elapsed / budget)
+    while (step < steps) if steps else ((time.perf_counter() - t0) < budget):
+        elapsed = time.perf_counter() - t0
+        cosine_lr(opt, lr, step, step / steps if steps else elapsed / budget)
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,7 +136,7 @@ def train_autoencoder(name, model, train, held, g, a):
 
     print(f"[{name}] init: {evaluate()}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    curve, steps, wall = train_loop(name, params, batch, a.minutes, a.lr, evaluate)
+    curve, steps, wall = train_loop(name, params, batch, a.minutes, a.lr, evaluate, steps=a.steps)
     final = evaluate()
     print(f"[{name}] done: {steps} steps in {wall:.0f} s; {final}", flush=True)
     return curve, steps, wall, final
@@ -314,7 +317,7 @@ def stage_eps(a):
         return F.mse_loss(out, eps)
 
     curve, steps, wall = train_loop("eps", [p for p in unet.parameters() if p.requires_grad], loss_fn,
-                                    a.minutes, a.lr)
+                                    a.minutes, a.lr, steps=a.steps)
     check_sparse_forward(base, unet, latents[:2], cond[1:3])
     from tests.support.tiny_models import SD15_DELTA
     save_fp16({k: v for k, v in unet.state_dict().items() if is_sd15_trained(k)}, SD15_DELTA,
@@ -366,7 +369,8 @@ def stage_flow(a):
         v = base.diffusion_model(ms.calculate_input(sigma, x), ms.timestep(sigma), context=c, y=y)
         return F.mse_loss(v, eps - x0)
 
-    curve, steps, wall = train_loop("flow", list(base.diffusion_model.parameters()), loss_fn, a.minutes, a.lr)
+    curve, steps, wall = train_loop("flow", list(base.diffusion_model.parameters()), loss_fn, a.minutes, a.lr,
+                                    steps=a.steps)
     save_fp16(base.diffusion_model.state_dict(), SD3_TRAINED, "SD3-layout tiny MMDiT (flow); see models/README.md")
     save_curve("flow", curve, steps=steps, seconds=round(wall), threads=torch.get_num_threads(), batch=a.batch, lr=a.lr)
 
@@ -397,18 +401,25 @@ def stage_plot(a):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=list(STAGES))
-    p.add_argument("--minutes", type=float, default=15.0, help="training wall-time budget")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--minutes", type=float, default=None, help="training wall-time budget (default: the recipe's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train this many steps instead (deterministic for a given machine and thread count)")
+    p.add_argument("--batch", type=int, default=None)
     p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    for key, value in RECIPE.get(a.stage, {}).items():   # what made the committed files (models/README.md)
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     torch.set_num_threads(a.threads)
     import_comfy()
     STAGES[a.stage](a)
 
 
+RECIPE = {"vae": dict(minutes=20, lr=1e-3, batch=16), "vae16": dict(minutes=4, lr=5e-4, batch=16),
+          "eps": dict(minutes=25, lr=5e-4, batch=16), "flow": dict(minutes=12, lr=1e-3, batch=32)}
 STAGES = {"vae": stage_vae, "vae16": stage_vae16, "embed": stage_embed, "eps": stage_eps, "flow": stage_flow,
           "plot": stage_plot}
 
