@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from common import markdown_table, result_path, write_results  # noqa: E402
+from tools.train_models import EVAL_CAPTIONS, load_emoji, psnr, vae_split  # noqa: E402
 
 SAMPLER, SCHEDULER, STEPS, CFG = "euler", "normal", 20, 5.0
 GENERATORS = {"eps_trained": "tiny_sd15_trained.safetensors", "flow_trained": "tiny_sd3_trained.safetensors",
@@ -102,10 +103,6 @@ def small(images):
     return F.interpolate(images.movedim(-1, 1).float(), size=(64, 64), mode="area")
 
 
-def psnr(a, b):
-    return (10 * torch.log10(1 / (a.clamp(0, 1) - b).flatten(1).pow(2).mean(1))).mean().item()
-
-
 def save_grid(path, captions, real, samples, title):
     """One row per caption: the real image, then the samples (64 px tiles), with the caption written."""
     from PIL import Image, ImageDraw
@@ -132,7 +129,6 @@ QUICK_EDIT_GRID = {"gamma": (0.3, 0.5), "eta": (0.9, 1.0), "stop": (0.25, 0.75),
 def rf_edit_rows(runtime, nodes, classifier, real128, quick):
     """The edit sweep; returns (rows, summary)."""
     import itertools
-    from tools.train_models import EVAL_CAPTIONS
     rf_nodes, rf_ops = runtime.pack_module("nodes.rf"), runtime.pack_module("inversion_ops.rf")
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(GENERATORS["flow_trained"])[:3]
     encode = lambda text: nodes.CLIPTextEncode().encode(clip, text)[0]
@@ -209,7 +205,6 @@ def plot_rf_edit(rows, summary, quick):
 
 def generate_all(nodes, classifier, real128, per_caption, rows, summary, quick):
     """Each generator: 20 captions x per_caption samples, classified; rows and summary filled in."""
-    from tools.train_models import EVAL_CAPTIONS
     for name, ckpt in GENERATORS.items():
         start = time.time()
         n = per_caption if "trained" in name else max(2, per_caption // 2)   # the random baselines: fewer
@@ -241,7 +236,6 @@ def generate_all(nodes, classifier, real128, per_caption, rows, summary, quick):
 
 def main(quick):
     from tests.support.comfy_runtime import InProcessComfy
-    from tools.train_models import EVAL_CAPTIONS, load_emoji, vae_split
     torch.set_num_threads(2)
     files, captions, pixels = load_emoji()
     _, held_idx = vae_split(len(pixels))

@@ -103,7 +103,8 @@ def ring_distance(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
     ring = ring_index(latent.shape[-2], latent.shape[-1], radius, latent.device)
     spectrum = _spectrum(latent[:, channel])[:, ring > 0].cpu().to(torch.complex128)
     # cpu: the key and the distance are float64 statistics, kept on the host
-    key = torch.cat([torch.zeros(1, dtype=torch.float64), ring_key(key_seed, radius)])[ring[ring > 0].cpu()]
+    key = torch.cat([torch.zeros(1, dtype=torch.float64, device="cpu"), ring_key(key_seed, radius)])
+    key = key[ring[ring > 0].cpu()]
     return (spectrum - key).abs().mean(dim=1)
 
 
@@ -127,8 +128,8 @@ def detect(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
     z, (pair_rings, dc_ring) = ring_coefficients(latent, channel, radius)
     key = ring_key(key_seed, radius)
     # cpu: like z, the statistics run in float64 on the host
-    kappa = torch.cat([key[pair_rings - 1] * math.sqrt(2.0), torch.zeros(len(pair_rings), dtype=torch.float64),
-                       key[dc_ring - 1]])
+    kappa = torch.cat([key[pair_rings - 1] * math.sqrt(2.0),
+                       torch.zeros(len(pair_rings), dtype=torch.float64, device="cpu"), key[dc_ring - 1]])
     d = z.shape[1]
     variance = z.pow(2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     statistic = (z - kappa).pow(2).sum(dim=1) / variance
@@ -137,7 +138,8 @@ def detect(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
     return {
         "distance": ring_distance(latent, key_seed, channel, radius),
         "statistic": statistic,
-        "p_value": torch.tensor([conditional_p_value(float(c), d) for c in correlation], dtype=torch.float64),  # cpu
+        "p_value": torch.tensor([conditional_p_value(float(c), d) for c in correlation], dtype=torch.float64,
+                                device="cpu"),
         "p_value_plugin": torch.stack([ncx2_cdf(float(x), d, float(nc)) for x, nc in zip(statistic, noncentrality)]),
         "correlation": correlation,
         "degrees_of_freedom": d,
@@ -190,9 +192,9 @@ def ncx2_cdf(x, df, nc):
     CDFs, sum_j Pois(j) P(df / 2 + j, x / 2), over the terms that carry the Poisson mass."""
     x = torch.as_tensor(x, dtype=torch.float64)   # cpu: small float64 series (Apple GPUs have no float64)
     if nc <= 0:
-        return torch.special.gammainc(torch.tensor(df / 2.0, dtype=torch.float64), x / 2)
+        return torch.special.gammainc(torch.tensor(df / 2.0, dtype=torch.float64, device="cpu"), x / 2)
     mean = nc / 2.0
     spread = 12.0 * math.sqrt(mean) + 20.0
-    j = torch.arange(max(0, int(mean - spread)), int(mean + spread) + 1, dtype=torch.float64)
+    j = torch.arange(max(0, int(mean - spread)), int(mean + spread) + 1, dtype=torch.float64, device="cpu")
     log_weight = -mean + j * math.log(mean) - torch.lgamma(j + 1)
     return (log_weight.exp() * torch.special.gammainc(df / 2.0 + j, x / 2)).sum()

@@ -276,7 +276,7 @@ def training_latents(layout):
         return vae.encode(pixels[index].float().div(255).movedim(1, -1)).detach()
 
 
-def diffusion_batch(model, latents, cond, pooled, g, batch, drop=0.1):
+def diffusion_batch(latents, cond, pooled, g, batch, drop=0.1):
     """A random batch: caption indices, with 10% of the prompts replaced by the empty one (for cfg)."""
     idx = torch.randint(len(latents), (batch,), generator=g)
     drop_mask = torch.rand(batch, generator=g) < drop
@@ -284,23 +284,30 @@ def diffusion_batch(model, latents, cond, pooled, g, batch, drop=0.1):
     return latents[idx], cond[text], pooled[text]
 
 
-def stage_eps(a):
-    from tests.support.tiny_models import SD15_FROZEN_ZERO, caption_embeddings, sd15_sparse_forward, trained_sd15_base
-    import comfy.supported_models as sm
-    from tests.support.tiny_models import SD15_UNET_CONFIG
-    g = torch.Generator().manual_seed(a.seed + 15)
-    torch.manual_seed(a.seed + 15)
-    cfg = sm.SD15(dict(SD15_UNET_CONFIG))
+def diffusion_setup(layout, config_cls, unet_config, state_dict, seed):
+    """(generator, ComfyUI BaseModel with `state_dict` loaded, model-space latents, cond, pooled) for a stage:
+    the model built through ComfyUI's config as the checkpoints are, the eval captions' latents and prompts."""
+    from tests.support.tiny_models import caption_embeddings
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = config_cls(dict(unet_config))
     cfg.set_inference_dtype(torch.float32, None)
     base = cfg.get_model({})
+    base.diffusion_model.load_state_dict(state_dict, strict=True)
+    latents = base.process_latent_in(training_latents(layout)).detach()
+    emb = caption_embeddings(layout, ("",) + EVAL_CAPTIONS)
+    return g, base, latents, emb["cond"].detach(), emb["pooled"].detach()
+
+
+def stage_eps(a):
+    from tests.support.tiny_models import SD15_UNET_CONFIG, sd15_sparse_forward, trained_sd15_base
+    import comfy.supported_models as sm
+    g, base, latents, cond, pooled = diffusion_setup("sd15", sm.SD15, SD15_UNET_CONFIG, trained_sd15_base(),
+                                                     a.seed + 15)
     unet = base.diffusion_model
-    unet.load_state_dict(trained_sd15_base(), strict=True)
     trainable = [n for n, _ in unet.named_parameters() if is_sd15_trained(n)]
     for n, p in unet.named_parameters():
         p.requires_grad_(n in trainable)
-    latents = base.process_latent_in(training_latents("sd15")).detach()
-    emb = caption_embeddings("sd15", ("",) + EVAL_CAPTIONS)
-    cond, pooled = emb["cond"].detach(), emb["pooled"].detach()
     ms = base.model_sampling
     print(f"[eps] {len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std():.3f}; "
           f"{sum(p.numel() for n, p in unet.named_parameters() if n in trainable) / 1e6:.2f} M of "
@@ -308,7 +315,7 @@ def stage_eps(a):
     check_sparse_forward(base, unet, latents[:2], cond[1:3])
 
     def loss_fn(step):
-        x0, c, _ = diffusion_batch(base, latents, cond, pooled, g, a.batch)
+        x0, c, _ = diffusion_batch(latents, cond, pooled, g, a.batch)
         t = torch.randint(0, len(ms.sigmas), (len(x0),), generator=g)
         sigma = ms.sigmas[t].float()
         eps = torch.randn(x0.shape, generator=g)
@@ -345,23 +352,15 @@ def check_sparse_forward(base, unet, x, context):
 
 def stage_flow(a):
     import comfy.supported_models as sm
-    from tests.support.tiny_models import SD3_MMDIT_CONFIG, SD3_TRAINED, caption_embeddings, sd3_mmdit_state_dict
-    g = torch.Generator().manual_seed(a.seed + 3)
-    torch.manual_seed(a.seed + 3)
-    cfg = sm.SD3(dict(SD3_MMDIT_CONFIG))
-    cfg.set_inference_dtype(torch.float32, None)
-    base = cfg.get_model({})
-    sd = {k[len("model.diffusion_model."):]: v for k, v in sd3_mmdit_state_dict().items()}
-    base.diffusion_model.load_state_dict(sd, strict=True)
-    latents = base.process_latent_in(training_latents("sd3")).detach()
-    emb = caption_embeddings("sd3", ("",) + EVAL_CAPTIONS)
-    cond, pooled = emb["cond"].detach(), emb["pooled"].detach()
+    from tests.support.tiny_models import SD3_MMDIT_CONFIG, SD3_TRAINED, _strip, sd3_mmdit_state_dict
+    g, base, latents, cond, pooled = diffusion_setup(
+        "sd3", sm.SD3, SD3_MMDIT_CONFIG, _strip(sd3_mmdit_state_dict(), "model.diffusion_model."), a.seed + 3)
     ms = base.model_sampling
     print(f"[flow] {len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std():.3f}; "
           f"{sum(p.numel() for p in base.diffusion_model.parameters()) / 1e6:.2f} M parameters", flush=True)
 
     def loss_fn(step):
-        x0, c, y = diffusion_batch(base, latents, cond, pooled, g, a.batch)
+        x0, c, y = diffusion_batch(latents, cond, pooled, g, a.batch)
         sigma = torch.sigmoid(torch.randn(len(x0), generator=g))          # logit-normal, as SD3 trains
         eps = torch.randn(x0.shape, generator=g)
         s = sigma[:, None, None, None]
