@@ -10,7 +10,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SUITES = ["decoder", "exact", "exact_samplers", "models", "preciseinv", "rf", "watermark"]
+SUITES = ["decoder", "exact", "exact_samplers", "exact_trained", "models", "preciseinv", "rf", "watermark"]
 
 
 def main(argv):
