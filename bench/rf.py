@@ -1,5 +1,6 @@
 """`make bench SUITE=rf [QUICK=1]`: RF-Inversion on the analytic flow Gaussian mixture and on the tiny
-SD3-layout and Flux models running in a real ComfyUI (in-process, CPU, float32, 1 thread).
+SD3-layout and Flux models running in a real ComfyUI (in-process, CPU, float32, 1 thread), and on the
+trained tiny SD3-layout model (models/README.md) for the gamma0 and noise parts.
 
 Parts (rows carry "part" and "model"):
   analytic-*  bench/rf_analytic.py (exact model): gamma 0 vs plain, noise statistics, eta sweep
@@ -294,7 +295,7 @@ def main(quick: bool = False):
         rows += _comfy_part(runtime, quick, steps, n, etas, grid)
 
     summary = summarize(rows)
-    notes = ("CPU float32, 1 thread, tiny random-weight models (8x8 latents, 2 samples) and the closed-form "
+    notes = ("CPU float32, 1 thread, tiny random-weight models and the trained tiny SD3 (gamma0 and noise parts; 8x8 latents, 2 samples) and the closed-form "
              "Gaussian mixture; the tiny models' target prompt is random conditioning of scale 3. Distances "
              "are in each model's own latent space (process_latent_in). Tiny-model parts run under "
              "torch.inference_mode(), as ComfyUI runs nodes. Overhead: median of interleaved repeats, ratio of process CPU time (wall time in the rows; the machine was shared).")
@@ -319,6 +320,11 @@ def _comfy_part(runtime, quick, steps, n, etas, grid):
     for name, model, family in models:
         b = ComfyBackend(name, model, family, steps, pack)
         rows += gamma0_rows(b, n) + noise_rows(b, n) + eta_rows(b, n, etas) + edit_rows(b, n, grid)
+    # the trained MMDiT (models/README.md) beside them: exactness and noise statistics; its captioned edits are
+    # measured in bench/models.py (the RF edit sweep, bench/results/models.json)
+    trained = runtime.nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd3_trained.safetensors")[0]
+    b = ComfyBackend("trained SD3 (emoji MMDiT, random conditioning)", trained, "sd3", steps, pack)
+    rows += gamma0_rows(b, n) + noise_rows(b, n)
     side, ov_steps, repeats = (32, 10, 3) if quick else (64, 20, 5)
     for name, model, family in models:
         rows += overhead_rows(name, model, family, pack, side, ov_steps, repeats)
