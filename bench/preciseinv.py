@@ -19,6 +19,8 @@ eta 1e-5 as an MSE); PreciseInv eta 1e-2 and 1e-5 (tolerance sqrt(eta) on the st
 BB steps, lr 0.2).
 x0: the model's own 20-step euler output from seeded noise ("x0 generated"), and for the SD1.5
 layout also the held-out 64 px photos in tests/data encoded by the trained tiny TAESD ("x0 photo").
+The trained tiny SD1.5 checkpoint (models/README.md; its VAE, its CLIP-L): x0 generated with "cat face", and
+held-out emoji (never among its 20 training images) encoded by its VAE with the empty prompt ("x0 emoji").
 jacobian rows: singular values of each Euler step's Jacobian at DDIM inversion's points (T = 2):
 why the random UNet's photo latents cannot be inverted by any method here.
 Conditioning: seeded random tensors (no text encoder); a model call at cfg > 1 is one batched
@@ -57,6 +59,13 @@ MODELS = {   # x0: "generated" = the model's own 20-step euler output; "photo" =
     "sd15_photo": {"label": "tiny SD1.5-layout UNet (EPS, 25.8M params, 4 ch, fp32), x0 photo",
                    "unet": "tiny_sd15_eps.safetensors", "width": 768, "pooled": 0, "channels": 4,
                    "vae": "tiny_taesd_trained.safetensors", "x0": "photo"},
+    # the trained checkpoint (models/README.md): its own VAE and text encoder, 16x16 latents (128 px)
+    "sd15_trained": {"label": "trained tiny SD1.5-layout UNet (emoji, EPS, fp32), x0 generated, 'cat face'",
+                     "checkpoint": "tiny_sd15_trained.safetensors", "prompt": "cat face", "channels": 4,
+                     "side": 16, "x0": "generated"},
+    "sd15_trained_photo": {"label": "trained tiny SD1.5-layout UNet (emoji, EPS, fp32), x0 held-out emoji, ''",
+                           "checkpoint": "tiny_sd15_trained.safetensors", "prompt": "", "channels": 4, "side": 16,
+                           "x0": "emoji"},
     "sd3": {"label": "tiny SD3-layout MMDiT (flow, 1.1M params, 16 ch, fp32), x0 generated",
             "unet": "tiny_sd3_flow.safetensors", "width": 4096, "pooled": 2048, "channels": 16, "vae": None,
             "x0": "generated"},
@@ -90,21 +99,40 @@ def nmse_db(x, ref):
     return (10 * torch.log10(err)).mean().item()
 
 
-def load_model(runtime, spec):
-    (model,) = runtime.nodes.UNETLoader().load_unet(spec["unet"], "default")
+def emoji(n):
+    """n held-out emoji (the trained VAE's held-out split; none is one of the diffusion models' 20 images),
+    BHWC in [0, 1], from the dataset `make dataset` provisions."""
+    from tools.train_models import EVAL_CAPTIONS, load_emoji, vae_split
+    _, captions, pixels = load_emoji()
+    held = [i for i in vae_split(len(captions))[1] if captions[i] not in EVAL_CAPTIONS][:n]
+    return pixels[held].permute(0, 2, 3, 1).float() / 255
+
+
+def load_model(runtime, spec, batch=1):
+    """(model, positive, negative, vae): a checkpoint's own parts and prompt, else the UNet with seeded
+    random conditioning and the spec's VAE."""
+    nodes = runtime.nodes
+    if "checkpoint" in spec:
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(spec["checkpoint"])[:3]
+        encode = lambda text: nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
+        return model, encode(spec["prompt"]), encode(""), vae
+    (model,) = nodes.UNETLoader().load_unet(spec["unet"], "default")
     if spec.get("sampling"):
-        (model,) = runtime.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(model, spec["sampling"], False)
-    return model
+        (model,) = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(model, spec["sampling"], False)
+    vae = nodes.VAELoader().load_vae(spec["vae"])[0] if spec["vae"] else None
+    return (model, conditioning(spec["width"], spec["pooled"], 1, batch),
+            conditioning(spec["width"], spec["pooled"], 2, batch), vae)
 
 
 def make_x0(runtime, spec, model, positive, negative, cfg, batch, vae):
     """x0 as a LATENT: the photos encoded by the VAE, or the model's own 20-step euler output."""
     import comfy.samplers
-    if spec["x0"] == "photo":
-        return {"samples": vae.encode(photos(batch))}
+    if spec["x0"] in ("photo", "emoji"):
+        return {"samples": vae.encode(photos(batch) if spec["x0"] == "photo" else emoji(batch))}
     sampling = runtime.pack_module("nodes.sampling")
     sigmas20 = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 20).cpu()
-    noise = torch.randn(batch, spec["channels"], 8, 8, generator=torch.Generator().manual_seed(3))
+    side = spec.get("side", 8)
+    noise = torch.randn(batch, spec["channels"], side, side, generator=torch.Generator().manual_seed(3))
     return sampling.run_sampler(model, positive, negative, cfg, {"samples": torch.zeros_like(noise)},
                                 comfy.samplers.ksampler("euler"), sigmas20, noise=noise)
 
@@ -118,9 +146,7 @@ def step_jacobian_rows(runtime, model_key, steps=2, chunk=64):
     from inversion_ops.common import euler_step, naive_step, sigma_batch
     spec = MODELS[model_key]
     pack = {k: runtime.pack_module(f"nodes.{k}") for k in ("sampling", "sigmas")}
-    model = load_model(runtime, spec)
-    cond = conditioning(spec["width"], spec["pooled"], 1, 1)
-    vae = runtime.nodes.VAELoader().load_vae(spec["vae"])[0] if spec["vae"] else None
+    model, cond, _, vae = load_model(runtime, spec)
     x0 = make_x0(runtime, spec, model, cond, cond, 1.0, 1, vae)
     rows = []
 
@@ -172,29 +198,27 @@ def comfy_rows(runtime, model_key, cfgs, step_counts, batch, max_iterations, exa
     pack = {k: runtime.pack_module(f"nodes.{k}") for k in ("sampling", "sigmas", "preciseinv")}
     run_sampler, InvertedNoise = pack["sampling"].run_sampler, pack["sampling"].InvertedNoise
     spec = MODELS[model_key]
-    model = load_model(runtime, spec)
-    positive = conditioning(spec["width"], spec["pooled"], 1, batch)
-    negative = conditioning(spec["width"], spec["pooled"], 2, batch)
+    model, positive, negative, vae = load_model(runtime, spec, batch)
     euler = comfy.samplers.ksampler("euler")
-    vae = nodes.VAELoader().load_vae(spec["vae"])[0] if spec["vae"] else None
     rows = []
     for cfg in cfgs:
         x0 = make_x0(runtime, spec, model, positive, negative, cfg, batch, vae)
         if vae is not None:   # the image the latent shows, and the photo for the paper's protocol
             decoded_x0 = vae.decode(x0["samples"])
-            reference = photos(batch) if spec["x0"] == "photo" else decoded_x0
+            reference = {"photo": photos, "emoji": emoji}[spec["x0"]](batch) if spec["x0"] != "generated" \
+                else decoded_x0
         for steps in step_counts:
             ascending = pack["sigmas"].inversion_sigmas(model, "simple", steps)
             descending = ascending.flip(0)
             for method, (make, counts) in inverters(pack, max_iterations, exact_max_iters).items():
-                log = StepLog()
-                sampler = make(log)
+                steps_log = StepLog()
+                sampler = make(steps_log)
                 start = time.perf_counter()
                 inverted = run_sampler(model, positive, negative, cfg, x0, sampler, ascending)
                 seconds = time.perf_counter() - start
                 noise = InvertedNoise(model, inverted["samples"]).generate_noise(inverted)
                 regenerated = run_sampler(model, positive, negative, cfg, inverted, euler, descending, noise=noise)
-                forward, backward, at_cap = counts(log)
+                forward, backward, at_cap = counts(steps_log)
                 row = {"part": "comfy", "model": spec["label"], "cfg": cfg, "steps": steps, "method": method,
                        "recon_nmse_db": nmse_db(regenerated["samples"], x0["samples"]),
                        "model_calls_forward": forward, "model_calls_backward": backward,
@@ -204,7 +228,7 @@ def comfy_rows(runtime, model_key, cfgs, step_counts, batch, max_iterations, exa
                 if vae is not None:
                     decoded = vae.decode(regenerated["samples"])
                     row.update(psnr_db=psnr_db(decoded, reference), psnr_vs_vae_db=psnr_db(decoded, decoded_x0))
-                    if spec["x0"] == "photo":
+                    if spec["x0"] != "generated":
                         row["vae_psnr_db"] = psnr_db(decoded_x0, reference)
                 rows.append(row)
                 log(row)
@@ -228,7 +252,8 @@ def summarise(rows):
     """Headline: PreciseInv eta 1e-5 minus naive on the SD1.5-layout model (x0 generated; pixels
     through the trained tiny VAE), cfg 1; other cfgs and the photo protocol under suffixed keys."""
     summary = {}
-    for key, suffix_x0 in (("sd15", ""), ("sd15_photo", "_photo")):
+    for key, suffix_x0 in (("sd15", ""), ("sd15_photo", "_photo"), ("sd15_trained", "_trained"),
+                           ("sd15_trained_photo", "_trained_photo")):
         label = MODELS[key]["label"]
         for steps in (2, 4, 10):
             for cfg in (1.0, 3.0):
@@ -246,9 +271,10 @@ def summarise(rows):
             key = "seconds_ratio_vs_exact" if (model == MODELS["sd15"]["label"] and cfg == 1.0) else \
                 f"seconds_ratio_vs_exact[{model}, cfg {cfg:g}]"
             summary[key] = precise["seconds"] / exact["seconds"]
-    photo = [r for r in rows if "vae_psnr_db" in r]
-    if photo:
-        summary["vae_psnr_db_photo"] = photo[0]["vae_psnr_db"]
+    for key, suffix_x0 in (("sd15_photo", "_photo"), ("sd15_trained_photo", "_trained_photo")):
+        photo = [r for r in rows if "vae_psnr_db" in r and r["model"] == MODELS[key]["label"]]
+        if photo:
+            summary["vae_psnr_db" + suffix_x0] = photo[0]["vae_psnr_db"]
     summary["paper_anchor_psnr_gain_db_T2"] = 25.93 - 20.62
     for r in rows:
         if r["part"] == "jacobian":
@@ -264,21 +290,27 @@ def plot(rows, path):
     rows = [r for r in rows if "method" in r]
     rows = [r for r in rows if "cfg" in r]   # the memory rows have no curve
     panels = sorted({(r["model"], r["cfg"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-    for ax, (model, cfg) in zip(axes[0], panels):
+    cols = min(len(panels), 5)
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (model, cfg) in zip(axes.flat, panels):
         for method in (NAIVE, EXACT, PI_FAST, PI_PRECISE):
             pts = sorted((r["steps"], r["recon_nmse_db"]) for r in rows
                          if r["model"] == model and r["cfg"] == cfg and r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
         x0 = model.split("), ")[1] if "), " in model else ""
-        ax.set_title(f"{model.split(' (')[0]}\n{x0} cfg {cfg:g}", fontsize=8)
+        name = model if model.startswith("analytic") else model.split(" (")[0]
+        ax.set_title(f"{name}\n{x0} cfg {cfg:g}", fontsize=8)
         ax.set_xlabel("steps T")
         ax.set_xscale("log")
         ax.set_xticks([2, 4, 10], ["2", "4", "10"])
         ax.minorticks_off()
-    axes[0][0].set_ylabel("reconstruction NMSE (dB)")
-    axes[0][-1].legend(fontsize=6)
+    for row in axes:
+        row[0].set_ylabel("reconstruction NMSE (dB)")
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -289,7 +321,8 @@ MEMORY_NOTE = (" preciseinv_peak_ratio_vs_sampling: peak memory (weights include
                "with torch._dynamo imported: the 'torch._dynamo import' row gives that import's own cost) of "
                "PreciseInv inverting (eta 1e-5, max_iterations 10, blocks recomputed in the backward pass) over "
                f"plain euler sampling, 4 steps, cfg 1, batch 1, {8 * MEMORY_LATENT} px, tiny SD1.5 layout, "
-               "each in a fresh process.")
+               "each in a fresh process; _mmap_threshold_64k: both again with MALLOC_MMAP_THRESHOLD_=65536, so "
+               "freed blocks of 64 KiB or more leave the process (what remains is need, not glibc's retention).")
 
 
 def memory_worker(method, out_path):
@@ -329,18 +362,39 @@ def memory_worker(method, out_path):
     json.dump({"method": method, "peak_mem_mb": meter.peak_mb(), "seconds": time.perf_counter() - start}, open(out_path, "w"))
 
 
+# glibc keeps freed heap memory in the process (peak RSS counts it); with this threshold every block of
+# 64 KiB or more is mmap'ed and goes back to the system when freed, which separates retention from need
+MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def memory_rows():
-    """Plain sampling and PreciseInv, each in a fresh process (peak memory is per process)."""
+    """Plain sampling and PreciseInv, each in a fresh process (peak memory is per process), with glibc's
+    default allocator settings and again with MMAP_THRESHOLD in both."""
     rows = []
+    runs = [(m, "default") for m in ("sampling", "preciseinv", "torch._dynamo import")]
+    runs += [(m, "mmap_threshold_64k") for m in ("sampling", "preciseinv")]
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("sampling", "preciseinv", "torch._dynamo import"):
+        for method, allocator in runs:
             out = os.path.join(tmp, "worker.json")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]),
+                   **(MMAP_THRESHOLD if allocator != "default" else {})}
             subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-worker", method, out], check=True,
-                           env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")])})
+                           env=env)
             r = json.load(open(out))
-            rows.append(dict(part="memory", model=MODELS["sd15"]["label"], size_px=8 * MEMORY_LATENT, **r))
-            print(f"memory {method}: +{r['peak_mem_mb']:.0f} MiB ({r['seconds']:.1f} s)", flush=True)
+            rows.append(dict(part="memory", model=MODELS["sd15"]["label"], size_px=8 * MEMORY_LATENT,
+                             allocator=allocator, **r))
+            print(f"memory {method} ({allocator}): +{r['peak_mem_mb']:.0f} MiB ({r['seconds']:.1f} s)", flush=True)
     return rows
+
+
+def memory_summary(rows):
+    """preciseinv_peak_ratio_vs_sampling (glibc defaults) and its mmap-threshold twin."""
+    memory = {(r["method"], r.get("allocator", "default")): r["peak_mem_mb"] for r in rows if r["part"] == "memory"}
+    out = {"preciseinv_peak_ratio_vs_sampling": memory["preciseinv", "default"] / memory["sampling", "default"]}
+    if ("preciseinv", "mmap_threshold_64k") in memory:
+        out["preciseinv_peak_ratio_vs_sampling_mmap_threshold_64k"] = (memory["preciseinv", "mmap_threshold_64k"]
+                                                                       / memory["sampling", "mmap_threshold_64k"])
+    return out
 
 
 def main(quick: bool = False):
@@ -362,8 +416,10 @@ def main(quick: bool = False):
     # ~0.25 s per forward + backward here; its photo latents are ill-conditioned (see the jacobian
     # rows: every method stops at its cap), so that protocol runs a smaller grid with lower caps.
     plan = ({"sd15": ((1.0,), (2, 4), 1, 50, 50), "sd15_photo": ((1.0,), (2,), 1, 10, 20),
+             "sd15_trained": ((1.0,), (2, 4), 1, 30, 50), "sd15_trained_photo": ((1.0,), (2,), 1, 20, 20),
              "sd3": ((1.0, 3.0), (2, 4, 10), 1, 100, 100), "sd3_eps": ((1.0,), (2, 4), 1, 100, 100)} if quick else
             {"sd15": ((1.0, 3.0), (2, 4, 10), 1, 100, 100), "sd15_photo": ((1.0,), (2, 4), 2, 30, 50),
+             "sd15_trained": ((1.0, 3.0), (2, 4, 10), 1, 50, 100), "sd15_trained_photo": ((1.0,), (2, 4), 2, 30, 50),
              "sd3": ((1.0, 3.0), (2, 4, 10), 2, 200, 100), "sd3_eps": ((1.0, 3.0), (2, 4, 10), 2, 200, 100)})
     with torch.inference_mode():   # as ComfyUI's executor runs every node
         for key in MODELS:
@@ -376,11 +432,12 @@ def main(quick: bool = False):
             rows += comfy_rows(runtime, key, cfgs, step_counts, batch, max_iterations, exact_max_iters, log)
     rows += memory_rows()
     summary = summarise(rows)
-    memory = {r["method"]: r["peak_mem_mb"] for r in rows if r["part"] == "memory"}
-    summary["preciseinv_peak_ratio_vs_sampling"] = memory["preciseinv"] / memory["sampling"]
+    summary.update(memory_summary(rows))
     notes = ("CPU, float32, torch.set_num_threads(1), shared machine (wall seconds include contention). "
-             "Tiny models have random weights: images are meaningless, round-trip exactness is what is "
-             "measured. PreciseInv max_iterations per step: " +
+             "The sd15, sd15_photo, sd3 and sd3_eps models have random weights (their images are meaningless, "
+             "round-trip exactness is what is measured); sd15_trained and sd15_trained_photo are the trained "
+             "checkpoint with its own VAE and text encoder at 128 px (16x16 latents), x0 'cat face' generated "
+             "or held-out emoji encoded by its VAE with the empty prompt (the paper's real-image protocol). PreciseInv max_iterations per step: " +
              ", ".join(f"{k} {v[3]}" for k, v in plan.items()) + f"; exact: Anderson, tol RMS "
              f"{EXACT_TOLERANCE:.2e}, max iterations " + ", ".join(f"{k} {v[4]}" for k, v in plan.items()) +
              ". Batch: " +
@@ -410,8 +467,7 @@ def memory_only(quick):
     measured = {k: machine()[k] for k in ("commit", "date")}
     rows = [dict(r, **measured) for r in memory_rows()]
     result["rows"] = [r for r in result["rows"] if r["part"] != "memory"] + rows
-    memory = {r["method"]: r["peak_mem_mb"] for r in rows}
-    result["summary"]["preciseinv_peak_ratio_vs_sampling"] = memory["preciseinv"] / memory["sampling"]
+    result["summary"].update(memory_summary(rows))
     note = (f" Memory rows rerun alone (--memory-only) at commit {measured['commit']}, {measured['date']}, "
             f"same machine kind; the other rows are from the run in `machine`.")
     result["notes"] = result["notes"].split(" preciseinv_peak_ratio_vs_sampling:")[0] + MEMORY_NOTE + note
