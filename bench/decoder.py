@@ -28,9 +28,8 @@ for p in (REPO, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench.common import PeakMemory, machine, markdown_table, result_path, write_results  # noqa: E402
-from bench.decoder_methods import run_method, time_to_reach  # noqa: E402
-from tests.support.metrics import psnr_db  # noqa: E402
+from bench.common import PeakMemory, markdown_table, result_path, write_results  # noqa: E402
+from bench.decoder_methods import reconstruction_psnr, run_method, time_to_reach  # noqa: E402
 from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE  # noqa: E402
 
 PHOTOS = ["photo_chelsea_256.jpg", "photo_coffee_256.jpg", "photo_china_256.jpg"]
@@ -150,8 +149,8 @@ def worker(config_path, out_path):
     knobs = dict(cfg["knobs"])
     res = run_method(cfg["method"], model.encode, model.decode, x, z0, dtype, knobs.pop("max_iterations", 0),
                      clamp=(-1.0, 1.0), peak=2.0, **knobs)
-    with torch.no_grad():   # the floor: the true latent through this dtype's decoder (the 16-bit rounding's cost)
-        true_psnr = psnr_db(model.decode(z0.to(dtype)).float().clamp(-1.0, 1.0), x.float(), peak=2.0).mean().item()
+    # the floor: the true latent through this dtype's decoder (the 16-bit rounding's cost)
+    true_psnr = reconstruction_psnr(model.decode, z0, x, dtype, clamp=(-1.0, 1.0), peak=2.0).mean().item()
     res.update(label=cfg["label"], model=cfg["model"], size=cfg["size"], peak_mem_mb=meter.peak_mb(),
                loaded_mem_mb=meter.base, true_latent_psnr_db=true_psnr)
     json.dump(res, open(out_path, "w"), default=float)
@@ -269,7 +268,8 @@ def plot(rows, path):
     plt.close(fig)
 
 
-COLUMNS = ["model", "size", "label", "dtype", "nmse_z_db", "psnr_db", "true_latent_psnr_db", "seconds", "iterations", "peak_mem_mb"]
+COLUMNS = ["model", "size", "label", "dtype", "nmse_z_db", "psnr_db", "true_latent_psnr_db", "seconds", "iterations",
+           "peak_mem_mb"]
 
 
 def main(quick=False):

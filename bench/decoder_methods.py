@@ -22,6 +22,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def reconstruction_psnr(decode, z, x, dtype, clamp=(0.0, 1.0), peak=1.0):
+    """PSNR per sample of D(z), the model in `dtype`, clamped to `clamp` (None: not clamped), against x."""
+    with torch.no_grad():
+        image = decode(z.to(dtype)).float()
+        if clamp is not None:
+            image = image.clamp(*clamp)
+        return psnr_db(image, x.float(), peak=peak)
+
+
 def run_method(name, encode, decode, x, z0, dtype, max_iterations, clamp=(0.0, 1.0), peak=1.0, **knobs):
     """Run METHODS[name] on images x (B, ...) whose true latent is z0, the model in `dtype` (the
     latent is float32 whatever it is); return a dict of:
@@ -62,11 +71,7 @@ def run_method(name, encode, decode, x, z0, dtype, max_iterations, clamp=(0.0, 1
         trace.append((seconds, nmse_db(z, z0).mean().item()))
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
-    with torch.no_grad():
-        image = decode(z.to(dtype)).float()
-        if clamp is not None:
-            image = image.clamp(*clamp)
-        psnr = psnr_db(image, x.float(), peak=peak)
+    psnr = reconstruction_psnr(decode, z, x, dtype, clamp, peak)
     per_sample = nmse_db(z, z0)
     return dict(
         name=name, dtype=str(dtype).replace("torch.", ""),

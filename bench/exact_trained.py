@@ -17,7 +17,6 @@ Parts:
 regen_nmse_db = NMSE(Sample(inverted), latent) in the sampler's latent space. Writes
 bench/results/exact_trained.json and exact_trained.png (regen NMSE against cfg).
 """
-import functools
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from common import markdown_table, result_path, write_results  # noqa: E402
-from exact_samplers import AnalyticCFG, schedules  # noqa: E402
+from exact_samplers import AnalyticCFG, invert_cell, schedules  # noqa: E402
 from tests.support.metrics import nmse_db  # noqa: E402
 
 CHECKPOINTS = {"sd3_trained": ("tiny_sd3_trained.safetensors", "simple"),
@@ -62,11 +61,14 @@ def trained_rows(runtime, grid):
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler,
                                                  grid["steps"]).cpu().float()
 
-        def sample(sampler, latent, cfg, start_exactly=True):
-            noise = sampling.InvertedNoise(model, latent).generate_noise({"samples": latent}) if start_exactly else None
-            with torch.inference_mode():
-                return sampling.run_sampler(model, positive, negative, cfg, {"samples": latent}, sampler, sigmas
-                                            if start_exactly else sigmas.flip(0), noise=noise)["samples"]
+        def run(sampler, latent, cfg, schedule, noise=None):
+            with torch.inference_mode():   # as ComfyUI runs nodes
+                return sampling.run_sampler(model, positive, negative, cfg, {"samples": latent}, sampler, schedule,
+                                            noise=noise)["samples"]
+
+        def regenerate(sampler, latent, cfg):   # starting exactly at the inverted latent
+            noise = sampling.InvertedNoise(model, latent).generate_noise({"samples": latent})
+            return run(sampler, latent, cfg, sigmas, noise)
 
         real = vae.encode(image)
         seed_noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(3))
@@ -75,18 +77,15 @@ def trained_rows(runtime, grid):
             for cfg in grid["cfgs"]:
                 latents = {"real": real}
                 if cfg == 5.0:
-                    with torch.inference_mode():
-                        latents["generated"] = sampling.run_sampler(
-                            model, positive, negative, cfg, {"samples": torch.zeros_like(real)}, forward, sigmas,
-                            noise=seed_noise)["samples"]
+                    latents["generated"] = run(forward, torch.zeros_like(real), cfg, sigmas, seed_noise)
                 for kind, latent in latents.items():
                     for method in ("naive", "exact"):
                         log = StepLog()
                         inverter = exact_nodes.inversion_sampler(sampler_name, method, log=log, **INVERT)
                         start = time.perf_counter()
-                        inverted = sample(inverter, latent, cfg, start_exactly=False)
+                        inverted = run(inverter, latent, cfg, sigmas.flip(0))
                         seconds = time.perf_counter() - start
-                        back = sample(forward, inverted, cfg)
+                        back = regenerate(forward, inverted, cfg)
                         rows.append(dict(part="trained", model=name, latent=kind, sampler=sampler_name,
                                          steps=grid["steps"], cfg=cfg, method=method,
                                          regen_nmse_db=round(float(nmse_db(back, latent).max()), 1),
@@ -135,33 +134,18 @@ def last_step_jacobians(model, positive, negative, sigmas, noise, sampling, name
     return out
 
 
-def analytic_rows(grid):
-    import comfy.samplers
-    from inversion_ops import exact, multistep
-    from inversion_ops.common import StepLog
+def analytic_rows(runtime, grid):
+    """exact_samplers' cells for SAMPLERS at grid's steps and cfgs, with Invert Latent's defaults."""
     rows = []
     for parameterization, sigmas in schedules(grid["steps"]).items():
         x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
         for sampler_name in SAMPLERS:
-            forward = comfy.samplers.sampler_object(sampler_name)
-            function = functools.partial(forward.sampler_function, **forward.extra_options)
-            sample = lambda model, x: function(model, x, sigmas.clone(), extra_args={}, disable=True)  # noqa: E731
             for cfg in grid["cfgs"]:
-                model = AnalyticCFG(parameterization, cfg)
-                x0 = sample(model, x_t.clone())
-                inverters = {"naive": (exact.naive_inversion, {}),
-                             "exact": (exact.exact_inversion_euler, dict(INVERT)) if sampler_name == "euler" else
-                             (multistep.exact_inversion_shooting, dict(INVERT, sample=function))}
-                for method, (invert, options) in inverters.items():
-                    log = StepLog()
-                    start = time.perf_counter()
-                    inverted = invert(model, x0, sigmas.flip(0), {}, log, **options)
-                    seconds = time.perf_counter() - start
+                for cell in invert_cell(runtime, AnalyticCFG(parameterization, cfg), x_t, sigmas, sampler_name,
+                                        **INVERT):
                     rows.append(dict(part="analytic", model=f"mixture_{parameterization}", latent="generated",
-                                     sampler=sampler_name, steps=grid["steps"], cfg=cfg, method=method,
-                                     regen_nmse_db=round(float(nmse_db(sample(model, inverted), x0).max()), 1),
-                                     calls_per_step=round(log.model_calls / grid["steps"], 1),
-                                     seconds=round(seconds, 2)))
+                                     sampler=sampler_name, steps=grid["steps"], cfg=cfg,
+                                     **dict(cell, method={"pack": "exact"}.get(cell["method"], cell["method"]))))
     return rows
 
 
@@ -177,7 +161,8 @@ def summarize(rows, jacobians):
                for sampler in SAMPLERS}
     summary = {k: v for k, v in summary.items() if v is not None}
     passing = [r for r in exact_rows if r["part"] == "trained" and r["regen_nmse_db"] <= -40]
-    summary["trained_cells_at_or_below_minus_40_db"] = f"{len(passing)} of {sum(r['part'] == 'trained' for r in exact_rows)}"
+    trained = sum(r["part"] == "trained" for r in exact_rows)
+    summary["trained_cells_at_or_below_minus_40_db"] = f"{len(passing)} of {trained}"
     summary["last_step_jacobian"] = jacobians
     return summary
 
@@ -196,7 +181,8 @@ def plot(rows, path):
                 if pts:
                     ax.plot(*zip(*pts), marker, color=colour, label=f"{method}, {latent}")
         ax.axhline(-40, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{model} {sampler}" + (" (closed-form model)" if part == "analytic" else " (trained weights)"), fontsize=8)
+        kind = " (closed-form model)" if part == "analytic" else " (trained weights)"
+        ax.set_title(f"{model} {sampler}{kind}", fontsize=8)
         ax.set_xlabel("cfg")
         ax.set_ylabel("regen NMSE dB")
         ax.grid(alpha=0.3)
@@ -217,7 +203,7 @@ def main(quick=False):
     with tempfile.TemporaryDirectory() as base:
         runtime = InProcessComfy(base)
         start = time.time()
-        rows = analytic_rows(grid)
+        rows = analytic_rows(runtime, grid)
         print(f"analytic part: {time.time() - start:.0f} s", flush=True)
         trained, jacobians = trained_rows(runtime, grid)
     rows += trained

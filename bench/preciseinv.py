@@ -26,6 +26,7 @@ why the random UNet's photo latents cannot be inverted by any method here.
 Conditioning: seeded random tensors (no text encoder); a model call at cfg > 1 is one batched
 cond + uncond pass. Writes bench/results/preciseinv.json (or .quick.json) and a .png.
 """
+import functools
 import json
 import os
 import subprocess
@@ -99,6 +100,7 @@ def nmse_db(x, ref):
     return (10 * torch.log10(err)).mean().item()
 
 
+@functools.lru_cache(maxsize=None)   # the whole set is read from disk to pick them: once per n
 def emoji(n):
     """n held-out emoji (the trained VAE's held-out split; none is one of the diffusion models' 20 images),
     BHWC in [0, 1], from the dataset `make dataset` provisions."""
@@ -106,6 +108,9 @@ def emoji(n):
     _, captions, pixels = load_emoji()
     held = [i for i in vae_split(len(captions))[1] if captions[i] not in EVAL_CAPTIONS][:n]
     return pixels[held].permute(0, 2, 3, 1).float() / 255
+
+
+REAL_IMAGES = {"photo": photos, "emoji": emoji}   # x0 kinds that are images encoded by the VAE
 
 
 def load_model(runtime, spec, batch=1):
@@ -127,8 +132,8 @@ def load_model(runtime, spec, batch=1):
 def make_x0(runtime, spec, model, positive, negative, cfg, batch, vae):
     """x0 as a LATENT: the photos encoded by the VAE, or the model's own 20-step euler output."""
     import comfy.samplers
-    if spec["x0"] in ("photo", "emoji"):
-        return {"samples": vae.encode(photos(batch) if spec["x0"] == "photo" else emoji(batch))}
+    if spec["x0"] in REAL_IMAGES:
+        return {"samples": vae.encode(REAL_IMAGES[spec["x0"]](batch))}
     sampling = runtime.pack_module("nodes.sampling")
     sigmas20 = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 20).cpu()
     side = spec.get("side", 8)
@@ -194,7 +199,6 @@ def inverters(pack, max_iterations, exact_max_iters):
 
 def comfy_rows(runtime, model_key, cfgs, step_counts, batch, max_iterations, exact_max_iters, log):
     import comfy.samplers
-    nodes = runtime.nodes
     pack = {k: runtime.pack_module(f"nodes.{k}") for k in ("sampling", "sigmas", "preciseinv")}
     run_sampler, InvertedNoise = pack["sampling"].run_sampler, pack["sampling"].InvertedNoise
     spec = MODELS[model_key]
@@ -205,8 +209,7 @@ def comfy_rows(runtime, model_key, cfgs, step_counts, batch, max_iterations, exa
         x0 = make_x0(runtime, spec, model, positive, negative, cfg, batch, vae)
         if vae is not None:   # the image the latent shows, and the photo for the paper's protocol
             decoded_x0 = vae.decode(x0["samples"])
-            reference = {"photo": photos, "emoji": emoji}[spec["x0"]](batch) if spec["x0"] != "generated" \
-                else decoded_x0
+            reference = REAL_IMAGES[spec["x0"]](batch) if spec["x0"] in REAL_IMAGES else decoded_x0
         for steps in step_counts:
             ascending = pack["sigmas"].inversion_sigmas(model, "simple", steps)
             descending = ascending.flip(0)
@@ -228,7 +231,7 @@ def comfy_rows(runtime, model_key, cfgs, step_counts, batch, max_iterations, exa
                 if vae is not None:
                     decoded = vae.decode(regenerated["samples"])
                     row.update(psnr_db=psnr_db(decoded, reference), psnr_vs_vae_db=psnr_db(decoded, decoded_x0))
-                    if spec["x0"] != "generated":
+                    if spec["x0"] in REAL_IMAGES:
                         row["vae_psnr_db"] = psnr_db(decoded_x0, reference)
                 rows.append(row)
                 log(row)

@@ -295,8 +295,8 @@ def main(quick: bool = False):
         rows += _comfy_part(runtime, quick, steps, n, etas, grid)
 
     summary = summarize(rows)
-    notes = ("CPU float32, 1 thread, tiny random-weight models and the trained tiny SD3 (gamma0 and noise parts; 8x8 latents, 2 samples) and the closed-form "
-             "Gaussian mixture; the tiny models' target prompt is random conditioning of scale 3. Distances "
+    notes = ("CPU float32, 1 thread, tiny random-weight models and the trained tiny SD3 (gamma0 and noise parts; "
+             "8x8 latents, 2 samples) and the closed-form Gaussian mixture; the tiny models' target prompt is random conditioning of scale 3. Distances "
              "are in each model's own latent space (process_latent_in). Tiny-model parts run under "
              "torch.inference_mode(), as ComfyUI runs nodes. Overhead: median of interleaved repeats, ratio of process CPU time (wall time in the rows; the machine was shared).")
     path = write_results("rf", rows, summary, quick, notes)

@@ -83,7 +83,7 @@ def check_latent_channels(model, samples, input_name="latent"):
 def latent_weight(model_sampling, sigma):
     """How much of the input latent ComfyUI's noise_scaling keeps at `sigma` (0 for flow at 1).
     Probed on sigma's own device, so it works wherever ComfyUI put the schedule."""
-    sigma = torch.as_tensor(sigma).reshape(1).float()
+    sigma = torch.as_tensor(sigma).reshape(1).float()   # cpu: a number stays on the host; a tensor keeps its device
     return float(model_sampling.noise_scaling(sigma, sigma.new_zeros(1), sigma.new_ones(1)))
 
 

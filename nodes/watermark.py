@@ -47,14 +47,14 @@ def unit_noise(model, inverted, sigma):
     noise_scaling(sigma, n, empty latent) solved for n, as ComfyUI applied it to an empty (zero) latent."""
     model_sampling = model.get_model_object("model_sampling")
     x = model.model.process_latent_in(inverted.float())
-    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)   # cpu: a number stays on the host
     top = float(model_sampling.sigma_max)
     full = math.isclose(top, float(sigma), rel_tol=1e-5) or float(sigma) > top   # KSAMPLER's max_denoise
 
     def scaling(noise, latent):
         return model_sampling.noise_scaling(sigma, noise, latent, full)
     offset = scaling(torch.zeros_like(x), model.model.process_latent_in(torch.zeros_like(x)))
-    one = torch.ones(1, 1, 1, 1)
+    one = torch.ones(1, 1, 1, 1)   # cpu: a scalar probe of noise_scaling beside the host sigma
     gain = scaling(one, torch.zeros_like(one)) - scaling(torch.zeros_like(one), torch.zeros_like(one))
     return (x - offset) / gain
 
