@@ -23,7 +23,7 @@ from common import markdown_table, result_path, write_results  # noqa: E402
 from exact_analytic import flow_sigmas, karras_sigmas  # noqa: E402
 from inversion_ops import exact  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
-from tests.support.analytic import GaussianMixtureDenoiser  # noqa: E402
+from tests.support.analytic import AnalyticCFG  # noqa: E402
 from tests.support.metrics import nmse_db  # noqa: E402
 
 SAMPLERS = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "deis", "ipndm",
@@ -37,24 +37,6 @@ COLUMNS = ("model", "sampler", "steps", "cfg", "method", "regen_nmse_db", "noise
 def schedules(steps):
     """The analytic benchmark's schedules (karras for EPS, shift-3 flow from 1.0), float32 as ComfyUI holds them."""
     return {"eps": karras_sigmas(steps), "flow": flow_sigmas(steps)}
-
-
-class AnalyticCFG:
-    """The mixture CFG denoiser in ComfyUI's model call convention; runs the post-CFG hooks that the
-    cfg_pp samplers register, with the uncond prediction, as ComfyUI's CFGGuider does."""
-
-    def __init__(self, parameterization, cfg):
-        self.cond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.6, 0.3, 0.1])
-        self.uncond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.2, 0.3, 0.5])
-        self.cfg = cfg
-
-    def __call__(self, x, sigma, model_options=None, **unused):
-        cond, uncond = self.cond(x, sigma).to(x.dtype), self.uncond(x, sigma).to(x.dtype)
-        denoised = uncond + self.cfg * (cond - uncond)
-        for hook in (model_options or {}).get("sampler_post_cfg_function", []):
-            denoised = hook({"denoised": denoised, "uncond_denoised": uncond, "cond_denoised": cond,
-                             "sigma": sigma, "input": x, "model_options": model_options})
-        return denoised
 
 
 def invert_cell(runtime, model, noise, sigmas, sampler, paper=False, **options):

@@ -8,7 +8,7 @@ Parts:
             checkpoint's VAE ("real"), and at cfg 5 also one the sampler generated from seed 3 ("generated",
             so an exact preimage exists). Prompt "cat face", negative "". euler and dpmpp_2m, 10 steps,
             cfg 1, 3, 5, 7.5, 9; Invert Latent's defaults (tolerance 1e-4, 100 iterations, 200 calls per step).
-  analytic  the closed-form Gaussian mixture (bench/exact_samplers.AnalyticCFG), EPS and flow, the same
+  analytic  the closed-form Gaussian mixture (tests/support/analytic.AnalyticCFG), EPS and flow, the same
             samplers, steps and cfgs (the truth is known there).
   jacobian  why the flow misses: the Jacobian of the last sampling step (x0 = D(x1, sigma_1), the same for
             euler and dpmpp_2m) at the generated trajectory's x1, by finite differences, at cfg 1 and 5:
@@ -29,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from common import markdown_table, result_path, write_results  # noqa: E402
-from exact_samplers import AnalyticCFG, invert_cell, schedules  # noqa: E402
+from exact_samplers import invert_cell, schedules  # noqa: E402
+from tests.support.analytic import AnalyticCFG  # noqa: E402
 from tests.support.metrics import nmse_db  # noqa: E402
 
 CHECKPOINTS = {"sd3_trained": ("tiny_sd3_trained.safetensors", "simple"),

@@ -10,7 +10,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SUITES = ["decoder", "exact", "exact_samplers", "exact_trained", "models", "preciseinv", "rf", "watermark"]
+SUITES = ["decoder", "exact", "exact_samplers", "exact_trained", "models", "preciseinv", "rf", "watermark",
+          "watermark_trained"]
 
 
 def main(argv):

@@ -205,9 +205,9 @@ def main(quick=False):
         "seconds": round(time.time() - start, 1),
     }
     notes = (f"{n} watermarked + {n} clean per cell; analytic model (bench/watermark.py docstring), labelled: not "
-             f"the trained tiny models (none exist yet) nor the random-weight ones (they generate white-noise latents). "
-             f"Detection: unconditional mixture at cfg 1 (the paper's empty prompt); generation cfg {CFG}. "
-             f"Summary keys on dpmpp_2m 10 steps. CPU, 1 thread, float64.")
+             f"a trained model (bench/watermark_trained.py runs one) nor the random-weight ones (they generate "
+             f"white-noise latents). Detection: unconditional mixture at cfg 1 (the paper's empty prompt); "
+             f"generation cfg {CFG}. Summary keys on dpmpp_2m 10 steps. CPU, 1 thread, float64.")
     write_results("watermark", rows, summary, quick, notes)
     plot(curves, result_path("watermark", "png", quick))
     print(markdown_table(rows, COLUMNS, floatfmt="{:g}"))

@@ -452,3 +452,22 @@ def test_invert_latent_stops_at_its_model_call_budget(comfy):
     calls = bounded.ui["model_calls"][0]
     assert calls <= 20 + 2 * 4 < unbounded.ui["model_calls"][0], (calls, unbounded.ui["model_calls"])
     assert torch.isfinite(bounded.args[0]["samples"]).all()
+
+
+def test_shooting_tries_the_naive_start_where_the_euler_start_stalls(comfy):
+    # ComfyUI's ipndm at 10 karras steps and cfg 7.5 on the closed-form mixture: shooting from the exact euler
+    # inversion levels off at -30.6 dB (bench/results/exact_samplers.json before the second run); from the
+    # naive inversion it regenerates the latent exactly
+    from comfy.k_diffusion.sampling import get_sigmas_karras
+    from tests.support.analytic import AnalyticCFG
+    from tests.support.metrics import nmse_db
+    exact_nodes, common = comfy.pack_module("nodes.exact"), comfy.pack_module("inversion_ops.common")
+    model, sigmas = AnalyticCFG("eps", 7.5), get_sigmas_karras(10, 0.0292, 14.6146)
+    sample = exact_nodes.comfy_sampler_function("ipndm")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    x0 = sample(model, noise, sigmas.clone(), extra_args={}, disable=True)
+    log = common.StepLog()
+    found = exact_nodes.EXACT_INVERSIONS["ipndm"](model, x0, sigmas.flip(0), callback=log)
+    regenerated = sample(model, found.clone(), sigmas.clone(), extra_args={}, disable=True)
+    assert nmse_db(regenerated, x0).max() < -60
+    assert log.model_calls <= 200 * 10   # within Invert Latent's default budget

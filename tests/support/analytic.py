@@ -89,3 +89,21 @@ def cfg_denoiser(cond, uncond, cfg):
         d_u = uncond(x, sigma)
         return d_u + cfg * (cond(x, sigma) - d_u)
     return denoise
+
+
+class AnalyticCFG:
+    """The mixture CFG denoiser in ComfyUI's model call convention; runs the post-CFG hooks that the
+    cfg_pp samplers register, with the uncond prediction, as ComfyUI's CFGGuider does."""
+
+    def __init__(self, parameterization, cfg):
+        self.cond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.6, 0.3, 0.1])
+        self.uncond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.2, 0.3, 0.5])
+        self.cfg = cfg
+
+    def __call__(self, x, sigma, model_options=None, **unused):
+        cond, uncond = self.cond(x, sigma).to(x.dtype), self.uncond(x, sigma).to(x.dtype)
+        denoised = uncond + self.cfg * (cond - uncond)
+        for hook in (model_options or {}).get("sampler_post_cfg_function", []):
+            denoised = hook({"denoised": denoised, "uncond_denoised": uncond, "cond_denoised": cond,
+                             "sigma": sigma, "input": x, "model_options": model_options})
+        return denoised
