@@ -97,8 +97,9 @@ def _max_iterations_input():
     return io.Int.Input("max_iterations", default=exact.MAX_ITERATIONS, min=1, max=10000,
                         tooltip="Most solver iterations (model calls) per step for backward Euler (euler, heun, "
                                 "dpm_2): 100 is plenty for Anderson, the paper's fixed point uses up to 500. For "
-                                "the other samplers, the most shooting iterations (each one sampling run and one "
-                                "naive inversion).")
+                                "the other samplers, the most shooting iterations per run (each one sampling run and "
+                                "one naive inversion; a second run from the naive inversion follows where the first "
+                                "ends above -60 dB).")
 
 
 def _budget_input():
