@@ -44,7 +44,8 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
     RMS of x, where float32 rounding sits). start: 'euler' (exact euler inversion at START_TOLERANCE, then
     N(x) for the samples left above RETRY_ABOVE) or 'naive'. max_iterations: per run. Each iteration
     reports `residual` (the regeneration error per sample), `hit_cap` (not yet within tolerance), `i` (the
-    iteration, counted on over both runs) and `model_calls`. Returns each sample's iterate with the lowest regeneration error.
+    iteration, counted on over both runs) and `model_calls`. Returns each sample's iterate with the lowest
+    regeneration error.
     """
     if sample is None:
         raise ValueError("sample: exact_inversion_shooting needs the sampler's function")
@@ -67,7 +68,8 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
         return naive_inversion(counted, y, sigmas, extra_args)
 
     target = naive(x)
-    reachable = torch.clamp(RELATIVE_FLOOR * per_sample_rms(x), min=tolerance)
+    x_rms = per_sample_rms(x)
+    reachable = torch.clamp(RELATIVE_FLOOR * x_rms, min=tolerance)
     start_budget = max(limit - counted.calls, 1) if limit else 0   # the start spends the same budget
     first = target if start == "naive" else exact_inversion_euler(
         counted, x, sigmas, extra_args, tolerance=START_TOLERANCE, max_model_calls=start_budget)
@@ -108,7 +110,7 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
     # From the euler start some high-order samplers at 10-20 steps and cfg >= 5 settle far from x (lms, ipndm,
     # uni_pc, gradient_estimation on the analytic mixture); the samples still above RETRY_ABOVE shoot again
     # from N(x), within the same budget, and keep the better of both runs.
-    unfinished = best["error"] >= torch.maximum(reachable, RETRY_ABOVE * per_sample_rms(x))
+    unfinished = best["error"] >= torch.maximum(reachable, RETRY_ABOVE * x_rms)
     if start == "euler" and bool(unfinished.any()) and not (out_of_budget and out_of_budget()):
         shoot(select(unfinished, target, best["z"]), unfinished)
     return best["z"]

@@ -138,9 +138,8 @@ def detect(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
     return {
         "distance": ring_distance(latent, key_seed, channel, radius),
         "statistic": statistic,
-        # cpu: float64 p-values computed on the host
-        "p_value": torch.tensor([conditional_p_value(float(c), d) for c in correlation], dtype=torch.float64,
-                                device="cpu"),
+        "p_value": torch.tensor(  # cpu: float64 p-values computed on the host
+            [conditional_p_value(float(c), d) for c in correlation], dtype=torch.float64, device="cpu"),
         "p_value_plugin": torch.stack([ncx2_cdf(float(x), d, float(nc)) for x, nc in zip(statistic, noncentrality)]),
         "correlation": correlation,
         "degrees_of_freedom": d,

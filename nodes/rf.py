@@ -28,8 +28,8 @@ def prediction_kind(model_sampling):
     EPS: keeps the whole latent, denoised = x - sigma*eps. V: denoised shrinks x by
     sigma_data^2/(sigma^2 + sigma_data^2). X0: denoised is the output itself.
     """
-    # cpu: scalar probes of model_sampling's arithmetic, read back as floats
-    sigma, zero, one = torch.tensor([0.5]), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    # scalar probes of model_sampling's arithmetic, read back as floats
+    sigma, zero, one = torch.tensor([0.5]), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)  # cpu: read as floats
     kept = float(model_sampling.noise_scaling(sigma, zero.clone(), one))
     from_output = float(model_sampling.calculate_denoised(sigma, one, zero))  # -sigma for x - sigma*out
     from_input = float(model_sampling.calculate_denoised(sigma, zero, one))   # 1 if x passes through

@@ -58,8 +58,9 @@ def test_shooting_stops_at_its_model_call_budget():
     multistep.exact_inversion_shooting(counting, x0, sigmas.flip(0), sample=sample_dpmpp_2m, tolerance=1e-30,
                                        max_iterations=1000, max_model_calls=100)
     # the budget is checked between solver iterations: past it, the euler start's remaining steps cost up to 2
-    # calls each (10), the start's two trial regenerations 20 and the shooting's first naive inversion 10
-    assert 100 <= len(calls) <= 100 + 10 + 20 + 10
+    # calls each (10) and the shooting's first iteration, a sampling run and a naive inversion, 20; the second
+    # run from N(x) does not start once the budget is spent
+    assert 100 <= len(calls) <= 100 + 10 + 20
 
 
 def test_shooting_hands_extra_args_to_the_sampler_and_the_model():
