@@ -7,7 +7,7 @@ maths goes through D and sigma, so EPS, V_PREDICTION and flow (CONST, sigma_max 
 """
 import torch
 
-from .common import SIGMA_FLOOR, CountedModel, check_sigmas, euler_step, naive_step, report, work_dtype
+from .common import SIGMA_FLOOR, CountedModel, check_sigmas, euler_step, naive_step, report, sigma_batch, work_dtype
 from .solvers import solve, solve_anderson, solve_forward_step
 
 # Defaults and policy, read by the nodes.
@@ -65,6 +65,25 @@ def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=No
         denoised = model(x, sigmas[i]).to(x.dtype)
         x = euler_step(x, denoised, sigmas[i], sigmas[i + 1])
         report(callback, i=i, x=x, sigma=sigmas[i + 1], denoised=denoised, model_calls=model.calls)
+    return x
+
+
+@torch.no_grad()
+def naive_inversion_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, guided_and_uncond=None):
+    """Naive inversion of ComfyUI's CFG++ samplers (Chung et al. 2024). Their euler step from sigma_up
+    to sigma, x = D_c + sigma (x_up - D_u) / sigma_up, denoises with the guided D_c and renoises with the
+    unconditional D_u, so its inverse does the opposite: x_up = x + (x - D_c) - sigma (x - D_u) / sigma_up,
+    with both evaluated at x labelled sigma_up as in naive_step (at cfg 1 the two agree).
+    guided_and_uncond(model, x, sigma_batch, extra_args) -> (D_c, D_u) for one model call."""
+    if guided_and_uncond is None:
+        raise ValueError("guided_and_uncond: naive_inversion_cfg_pp needs the unconditional prediction")
+    sigmas = check_sigmas(sigmas).to(x.device)
+    model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_up = sigmas[i], sigmas[i + 1]
+        guided, uncond = (d.to(x.dtype) for d in guided_and_uncond(model, x, sigma_batch(sigma_up, x), extra_args or {}))
+        x = x + (x - guided) - (x - uncond) * (sigma / sigma_up)
+        report(callback, i=i, x=x, sigma=sigma_up, denoised=guided, model_calls=model.calls)
     return x
 
 

@@ -37,7 +37,8 @@ STARTS = ("euler", "naive")
 @torch.no_grad()
 def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, disable=None, sample=None,
                              tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, max_model_calls=None,
-                             start="euler", history=5, patience=PATIENCE, **unused_options):
+                             start="euler", history=5, patience=PATIENCE, approximate_inverse=naive_inversion,
+                             exact_start=exact_inversion_euler, **unused_options):
     """Exact inversion of `sample` (k-diffusion signature) over the ASCENDING `sigmas`.
 
     tolerance: RMS per element of Sample(x_T) - x, the regeneration error (raised to RELATIVE_FLOOR x the
@@ -65,13 +66,13 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
         return sample(counted, z.clone(), forward_sigmas.clone(), extra_args=dict(extra_args), disable=True).to(x.dtype)
 
     def naive(y):
-        return naive_inversion(counted, y, sigmas, extra_args)
+        return approximate_inverse(counted, y, sigmas, extra_args)
 
     target = naive(x)
     x_rms = per_sample_rms(x)
     reachable = torch.clamp(RELATIVE_FLOOR * x_rms, min=tolerance)
     start_budget = max(limit - counted.calls, 1) if limit else 0   # the start spends the same budget
-    first = target if start == "naive" else exact_inversion_euler(
+    first = target if start == "naive" else exact_start(
         counted, x, sigmas, extra_args, tolerance=START_TOLERANCE, max_model_calls=start_budget)
     best = {"z": first, "error": torch.full_like(reachable, float("inf")), "iteration": 0}
 

@@ -5,6 +5,7 @@
 """
 import functools
 
+import comfy.model_patcher
 import comfy.samplers
 from comfy_api.latest import io
 
@@ -36,16 +37,39 @@ def comfy_one_step(name):
     return step
 
 
+def comfy_guided_and_uncond(model, x, sigma, extra_args):
+    """(guided, unconditional) prediction from one call of ComfyUI's CFG model, the unconditional one
+    kept by a post-CFG hook as ComfyUI's own cfg_pp samplers keep it (on a copy of model_options)."""
+    kept = {}
+
+    def keep_uncond(args):
+        kept["uncond"] = args["uncond_denoised"]
+        return args["denoised"]
+    options = comfy.model_patcher.set_model_options_post_cfg_function(
+        dict(extra_args.get("model_options", {})), keep_uncond, disable_cfg1_optimization=True)
+    return model(x, sigma, model_options=options), kept["uncond"]
+
+
+def _own_step_backward_euler(name):
+    return functools.partial(exact.exact_inversion_one_step, step=comfy_one_step(name))
+
+
 def _shooting(name):
-    return functools.partial(multistep.exact_inversion_shooting, sample=comfy_sampler_function(name))
+    options = {}
+    if name.endswith("_cfg_pp"):
+        # CFG++ renoises with the unconditional prediction: the preconditioner and the start are its own
+        # naive and exact euler inversions (with the CFG ones, shooting stalled at -16 dB on flow at cfg 5)
+        options = dict(approximate_inverse=functools.partial(exact.naive_inversion_cfg_pp,
+                                                             guided_and_uncond=comfy_guided_and_uncond),
+                       exact_start=_own_step_backward_euler("euler_cfg_pp"))
+    return functools.partial(multistep.exact_inversion_shooting, sample=comfy_sampler_function(name), **options)
 
 
 # What inverts each sampler: backward Euler per step where a step stands alone (the paper's method
-# for euler; heun and dpm_2 through their own one-step code), shooting through the sampler's own
-# function for the rest. The paper's dpmpp_2m algorithm stays available under its own name.
+# for euler; heun, dpm_2 and euler_cfg_pp through their own one-step code), shooting through the sampler's
+# own function for the rest. The paper's dpmpp_2m algorithm stays available under its own name.
 EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler,
-                    "heun": functools.partial(exact.exact_inversion_one_step, step=comfy_one_step("heun")),
-                    "dpm_2": functools.partial(exact.exact_inversion_one_step, step=comfy_one_step("dpm_2")),
+                    **{name: _own_step_backward_euler(name) for name in ("heun", "dpm_2", "euler_cfg_pp")},
                     **{name: _shooting(name) for name in SHOT_SAMPLERS},
                     "dpmpp_2m_backward_euler": exact.exact_inversion_dpmpp_2m}
 ROUND_TRIP_RECIPE = round_trip_recipe()
