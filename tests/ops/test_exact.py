@@ -234,3 +234,39 @@ def test_a_run_that_cannot_converge_stops_at_its_model_call_budget(method):
         overshoot = 2 * one_pass
     assert torch.isfinite(x).all()
     assert log.model_calls <= budget + overshoot < unbounded, (log.model_calls, budget + overshoot, unbounded)
+
+
+def euler_cfg_pp_sample(guided_and_uncond, x, sigmas):
+    """ComfyUI's `sample_euler_cfg_pp` arithmetic: x_next = D_c + sigma_next * (x - D_u) / sigma."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        guided, uncond = guided_and_uncond(None, x, sigma.expand(x.shape[0]), {})
+        x = guided + sigma_next * (x - uncond) / sigma
+    return x
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "flow"])
+def test_cfg_pp_naive_inversion_is_exact_where_the_predictions_do_not_depend_on_x(parameterization):
+    # Noise predictions eps = (x - D) / sigma that depend on sigma alone: naive inversion's one approximation,
+    # the prediction at the known x in place of the unknown one, then costs nothing, so the CFG++ inversion
+    # must return the very noise the CFG++ sampler started from. The CFG inversion must not.
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def guided_and_uncond(model, x, sigma, extra_args):
+        s = sigma.reshape(-1, 1, 1, 1)
+        eps_uncond = a + s * b
+        return x - s * (eps_uncond + 5.0 * (c - s * a)), x - s * eps_uncond
+    sigmas = karras_sigmas(8) if parameterization == "eps" else flow_sigmas(8)
+    noise = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) * sigmas[0]
+    image = euler_cfg_pp_sample(guided_and_uncond, noise, sigmas)
+    found, log = run(be.naive_inversion_cfg_pp, lambda x, sigma, **kw: x, image, sigmas.flip(0),
+                     guided_and_uncond=guided_and_uncond)
+    assert float(nmse_db(found, noise).max()) < -200 and log.model_calls == 0   # the stub model is never called
+    guided_only = be.naive_inversion(lambda x, sigma, **kw: guided_and_uncond(None, x, sigma, {})[0], image, sigmas.flip(0))
+    assert float(nmse_db(guided_only, noise).min()) > -20
+
+
+def test_cfg_pp_naive_inversion_without_the_unconditional_prediction_is_refused():
+    denoise, sigmas, noise = make_case("eps", cfg=1.0, steps=2)
+    with pytest.raises(ValueError, match="guided_and_uncond"):
+        be.naive_inversion_cfg_pp(denoise, noise, sigmas.flip(0))
