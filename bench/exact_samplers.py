@@ -27,7 +27,8 @@ from tests.support.analytic import AnalyticCFG  # noqa: E402
 from tests.support.metrics import nmse_db  # noqa: E402
 
 SAMPLERS = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "deis", "ipndm",
-            "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep", "gradient_estimation"]
+            "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep", "gradient_estimation", "euler_cfg_pp",
+            "res_multistep_cfg_pp", "gradient_estimation_cfg_pp"]
 FULL = dict(steps=(10, 20, 30, 50), cfgs=(1.0, 3.0, 5.0, 7.5, 9.0))
 QUICK = dict(steps=(10,), cfgs=(1.0, 5.0))
 COLUMNS = ("model", "sampler", "steps", "cfg", "method", "regen_nmse_db", "noise_nmse_db", "calls_per_step",
@@ -37,6 +38,15 @@ COLUMNS = ("model", "sampler", "steps", "cfg", "method", "regen_nmse_db", "noise
 def schedules(steps):
     """The analytic benchmark's schedules (karras for EPS, shift-3 flow from 1.0), float32 as ComfyUI holds them."""
     return {"eps": karras_sigmas(steps), "flow": flow_sigmas(steps)}
+
+
+def comfy_model_sampling(kind):
+    """ComfyUI's own model_sampling for the analytic model ("eps" or "flow"), composed as comfy.model_base
+    composes it; ComfyUI's euler_cfg_pp reads it (flow latents are scaled by 1 - sigma there)."""
+    import comfy.model_sampling as sampling
+    base, prediction = ((sampling.ModelSamplingDiscreteFlow, sampling.CONST) if kind == "flow"
+                        else (sampling.ModelSamplingDiscrete, sampling.EPS))
+    return type("ModelSampling", (base, prediction), {})()
 
 
 def invert_cell(runtime, model, noise, sigmas, sampler, paper=False, **options):
@@ -72,7 +82,7 @@ def run(quick):
         for steps in grid["steps"]:
             for kind, sigmas in schedules(steps).items():
                 for cfg in grid["cfgs"]:
-                    model = AnalyticCFG(kind, cfg)
+                    model = AnalyticCFG(kind, cfg, comfy_model_sampling(kind))
                     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
                     for sampler in SAMPLERS:
                         rows += [dict(model=f"analytic_{kind}", sampler=sampler, steps=steps, cfg=cfg, **cell)

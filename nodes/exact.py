@@ -58,7 +58,8 @@ def _shooting(name):
     options = {}
     if name.endswith("_cfg_pp"):
         # CFG++ renoises with the unconditional prediction: the preconditioner and the start are its own
-        # naive and exact euler inversions (with the CFG ones, shooting stalled at -16 dB on flow at cfg 5)
+        # naive and exact euler inversions (with the CFG ones, shooting stalled at -16 dB on flow at cfg 5).
+        # euler_cfg_pp shoots too: backward Euler through its step alone stalled on one step (analytic flow, cfg 5)
         options = dict(approximate_inverse=functools.partial(exact.naive_inversion_cfg_pp,
                                                              guided_and_uncond=comfy_guided_and_uncond),
                        exact_start=_own_step_backward_euler("euler_cfg_pp"))
@@ -66,10 +67,10 @@ def _shooting(name):
 
 
 # What inverts each sampler: backward Euler per step where a step stands alone (the paper's method
-# for euler; heun, dpm_2 and euler_cfg_pp through their own one-step code), shooting through the sampler's
-# own function for the rest. The paper's dpmpp_2m algorithm stays available under its own name.
+# for euler; heun and dpm_2 through their own one-step code), shooting through the sampler's own
+# function for the rest. The paper's dpmpp_2m algorithm stays available under its own name.
 EXACT_INVERSIONS = {"euler": exact.exact_inversion_euler,
-                    **{name: _own_step_backward_euler(name) for name in ("heun", "dpm_2", "euler_cfg_pp")},
+                    **{name: _own_step_backward_euler(name) for name in ("heun", "dpm_2")},
                     **{name: _shooting(name) for name in SHOT_SAMPLERS},
                     "dpmpp_2m_backward_euler": exact.exact_inversion_dpmpp_2m}
 ROUND_TRIP_RECIPE = round_trip_recipe()

@@ -21,8 +21,8 @@ CATEGORY = "inversion"
 # their own ComfyUI function by shooting (nodes/exact.py).
 SHOT_SAMPLERS = ("dpmpp_2m", "lms", "deis", "ipndm", "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep",
                  "gradient_estimation", "heunpp2", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
-                 "gradient_estimation_cfg_pp")
-INVERSE_OF = {"euler": "euler", "ddim": "euler", "heun": "heun", "dpm_2": "dpm_2", "euler_cfg_pp": "euler_cfg_pp",
+                 "gradient_estimation_cfg_pp", "euler_cfg_pp")
+INVERSE_OF = {"euler": "euler", "ddim": "euler", "heun": "heun", "dpm_2": "dpm_2",
               **{name: name for name in SHOT_SAMPLERS}}
 INVERTIBLE_SAMPLERS = tuple(INVERSE_OF)
 STOCHASTIC_SAMPLERS = ("ddpm", "lcm", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")

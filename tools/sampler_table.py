@@ -18,7 +18,8 @@ sys.path.insert(0, REPO)
 from tests.support.comfy_runtime import InProcessComfy  # noqa: E402
 
 SAMPLERS = ["euler", "ddim", "heun", "dpm_2", "heunpp2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "deis", "ipndm",
-            "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep", "gradient_estimation"]
+            "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep", "gradient_estimation", "euler_cfg_pp",
+            "res_multistep_cfg_pp", "gradient_estimation_cfg_pp"]
 
 
 def conditioning(seed):
@@ -58,7 +59,7 @@ def main():
     print()
     paper_vs_shooting(runtime, sampling, exact_nodes)
     how = {"euler": "backward Euler", "ddim": "backward Euler (ddim runs euler)", "heun": "backward Euler, own step",
-           "dpm_2": "backward Euler, own step"}
+           "dpm_2": "backward Euler, own step", "euler_cfg_pp": "backward Euler, own step"}
     print()
     for name in SAMPLERS:
         (fd, fc), (ed, ec) = cells["flow", name], cells["eps", name]
