@@ -70,11 +70,14 @@ def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 @torch.no_grad()
 def naive_inversion_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, guided_and_uncond=None):
-    """Naive inversion of ComfyUI's CFG++ samplers (Chung et al. 2024). Their euler step from sigma_up
-    to sigma, x = D_c + sigma (x_up - D_u) / sigma_up, denoises with the guided D_c and renoises with the
-    unconditional D_u, so its inverse does the opposite: x_up = x + (x - D_c) - sigma (x - D_u) / sigma_up,
-    with both evaluated at x labelled sigma_up as in naive_step (at cfg 1 the two agree).
-    guided_and_uncond(model, x, sigma_batch, extra_args) -> (D_c, D_u) for one model call."""
+    """Naive inversion of ComfyUI's CFG++ samplers (Chung et al. 2024), in the form dpmpp_2m_cfg_pp,
+    res_multistep_cfg_pp and gradient_estimation_cfg_pp step every model with. Their euler step from
+    sigma_up down to sigma, x = D_c + sigma * eps_u, denoises with the guided prediction and renoises with
+    the unconditional one (eps = (x_up - D) / sigma_up), so its inverse does the opposite:
+    x_up = x + sigma_up * eps_c - sigma * eps_u, with both predictions taken at the known x labelled
+    sigma_up, as naive_step takes D (nothing divides by sigma, which may be 0). Labelled sigma, as
+    FlipSigmas + euler labels D, it regenerated 10-step flow cells of the analytic mixture at -78 dB
+    where this reached -134 dB. guided_and_uncond(model, x, sigma_batch, extra_args) -> (D_c, D_u)."""
     if guided_and_uncond is None:
         raise ValueError("guided_and_uncond: naive_inversion_cfg_pp needs the unconditional prediction")
     sigmas = check_sigmas(sigmas).to(x.device)

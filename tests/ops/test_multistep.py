@@ -80,5 +80,5 @@ def test_shooting_needs_the_sampler_function():
     model, sigmas, noise = make_case("eps", cfg=1.0, steps=2)
     with pytest.raises(ValueError, match="sample"):
         multistep.exact_inversion_shooting(model, noise, sigmas.flip(0))
-    with pytest.raises(ValueError, match="start"):
-        multistep.exact_inversion_shooting(model, noise, sigmas.flip(0), sample=sample_euler, start="random")
+    with pytest.raises(ValueError, match="runs"):
+        multistep.exact_inversion_shooting(model, noise, sigmas.flip(0), sample=sample_euler, runs=("naive",))
