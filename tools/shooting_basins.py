@@ -6,6 +6,9 @@ regenerates the cell's latent x0 (the benchmark's own model, schedule and noise)
 misses, and prints the cond mixture's component nearest to x0 and to what the sampler regenerates from
 each of shooting's starts (the exact euler inversion at the start tolerance, and N(x)) and from the
 iterate shooting returns. A start whose regeneration sits at another component lies in another basin.
+Two checks that the sampler itself is not the limit: how far a one-ulp change of the noise moves its
+output, and how many eigenvalues of the preconditioned Jacobian J_N J_S at the true noise lie outside the
+unit disc around 1 (where plain fixed-point iteration would diverge), by central differences in float64.
 
 `$COMFY_PYTHON tools/shooting_basins.py` after `eval "$(bash tools/provision.sh)"`.
 """
@@ -31,6 +34,30 @@ def nearest_component(model, latents):
     """Index of, and distance to, the cond mixture's nearest component mean, per sample."""
     distances = torch.cdist(latents.flatten(1).double(), model.cond.means.flatten(1))
     return distances.argmin(1).tolist(), distances.min(1).values.tolist()
+
+
+def sampler_checks(regenerate, naive, noise):
+    """(NMSE in dB of the output after a one-ulp relative change of the noise, number of eigenvalues of
+    J_N J_S with |1 - lambda| > 1, the dtype the differences ran in) for one sample's noise (1, ...)."""
+    x0 = regenerate(noise)
+    nudged = noise * (1 + 2.0 ** -24 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(100)))
+    ulp_db = float(nmse_db(regenerate(nudged), x0))
+    try:
+        z, relative_step = noise.double(), 1e-6
+        y = regenerate(z)
+    except RuntimeError:   # uni_pc mixes its float32 coefficients into a float64 latent
+        z, relative_step = noise, 1e-3
+        y = regenerate(z)
+    n, h = z.numel(), relative_step * float(z.abs().mean())
+    j_s, j_n = torch.zeros(n, n, dtype=z.dtype), torch.zeros(n, n, dtype=z.dtype)
+    for k in range(n):
+        e = torch.zeros(n, dtype=z.dtype)
+        e[k] = h
+        e = e.view_as(z)
+        j_s[:, k] = ((regenerate(z + e) - regenerate(z - e)) / (2 * h)).flatten()
+        j_n[:, k] = ((naive(y + e) - naive(y - e)) / (2 * h)).flatten()
+    eigenvalues = torch.linalg.eigvals((j_n @ j_s).double())
+    return ulp_db, int(((1 - eigenvalues).abs() > 1).sum()), str(z.dtype).removeprefix("torch.")
 
 
 def main():
@@ -65,6 +92,10 @@ def main():
             if name != "returned" and component[0] == target[0]:
                 other_basin = False
         crossed += other_basin
+        ulp_db, outside, dtype = sampler_checks(
+            lambda z: sample(model, z.clone(), sigmas.to(z.dtype), extra_args={}, disable=True),
+            lambda y: exact.naive_inversion(model, y, sigmas.flip(0).to(y.dtype)), noise[b:b + 1])
+        line += f"; one-ulp noise change: {ulp_db:.1f} dB; eigenvalues of J_N J_S off the unit disc around 1: {outside} ({dtype})"
         print(line, flush=True)
     print(f"\n{crossed} of {len(missed)} cells above {MISSED_ABOVE_DB:g} dB: both starts regenerate at another component than x0")
 
