@@ -54,15 +54,24 @@ def _own_step_backward_euler(name):
     return functools.partial(exact.exact_inversion_one_step, step=comfy_one_step(name))
 
 
+# Shooting's runs for every sampler: multistep.RUNS (from the exact euler inversion, then from N(x)), then
+# from the exact heun and dpm_2 inversions. At 10-20 steps and cfg >= 5 on the analytic mixture some high-order
+# samplers send both of the first starts to another mixture component than the latent's
+# (tools/shooting_basins.py); the second-order samplers' inversions lie nearer their trajectories (res_multistep,
+# EPS, 10 steps, cfg 5: +2.1 dB from the first two starts, -83.6 dB from heun's).
+RUNS = (*multistep.RUNS, *(multistep.ShootingRun(exact.naive_inversion, _own_step_backward_euler(name))
+                           for name in ("heun", "dpm_2")))
+
+
 def _shooting(name):
-    runs = multistep.RUNS
+    runs = RUNS
     if name.endswith("_cfg_pp"):
         # CFG++ renoises with the unconditional prediction: a first run with its own naive inversion as N, from
         # backward Euler through euler_cfg_pp's step (with only the CFG runs, dpmpp_2m_cfg_pp stalled at -16 dB
-        # on the tiny flow model at cfg 5), then the CFG runs for what is left above -60 dB (some cells of the
+        # on the tiny flow model at cfg 5), then the runs above for what is left above -60 dB (some cells of the
         # analytic mixture reach -85 dB only there: EPS dpmpp_2m_cfg_pp at 20 steps, cfg 3 and 50 steps, cfg 7.5)
         cfg_pp_naive = functools.partial(exact.naive_inversion_cfg_pp, guided_and_uncond=comfy_guided_and_uncond)
-        runs = (multistep.ShootingRun(cfg_pp_naive, _own_step_backward_euler("euler_cfg_pp")), *multistep.RUNS)
+        runs = (multistep.ShootingRun(cfg_pp_naive, _own_step_backward_euler("euler_cfg_pp")), *RUNS)
     return functools.partial(multistep.exact_inversion_shooting, sample=comfy_sampler_function(name), runs=runs)
 
 
@@ -123,8 +132,8 @@ def _max_iterations_input():
                         tooltip="Most solver iterations (model calls) per step for backward Euler (euler, heun, "
                                 "dpm_2): 100 is plenty for Anderson, the paper's fixed point uses up to 500. For "
                                 "the other samplers, the most shooting iterations per run (each one sampling run and "
-                                "one naive inversion; a second run from the naive inversion follows where the first "
-                                "ends above -60 dB).")
+                                "one naive inversion; runs from other starts follow for what the earlier ones "
+                                "leave above -60 dB, all within max_model_calls).")
 
 
 def _budget_input():
