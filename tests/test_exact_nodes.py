@@ -11,7 +11,6 @@ cfg > 1 the top step (to sigma_max = 14.6) often has no root near the naive gues
 must stay fast on a 2-core CPU.
 """
 import math
-import threading
 import time
 
 import pytest
