@@ -468,3 +468,27 @@ def test_shooting_tries_the_naive_start_where_the_euler_start_stalls(comfy):
     regenerated = sample(model, found.clone(), sigmas.clone(), extra_args={}, disable=True)
     assert nmse_db(regenerated, x0).max() < -60
     assert log.model_calls <= 200 * 10   # within Invert Latent's default budget
+
+
+def test_shooting_tries_the_heun_and_dpm_2_starts_where_the_first_two_start_in_another_basin(comfy):
+    # ComfyUI's res_multistep at 10 karras steps and cfg 5 on the closed-form mixture: from the exact euler
+    # inversion and from N(x) the sampler regenerates one sample at another mixture component (+2 dB,
+    # tools/shooting_basins.py); from the exact heun inversion shooting regenerates it exactly
+    from tests.support.analytic import AnalyticCFG
+    from tests.support.metrics import nmse_db
+    exact_nodes, multistep = comfy.pack_module("nodes.exact"), comfy.pack_module("inversion_ops.multistep")
+    # the benchmark's cell exactly (bench/exact_analytic.karras_sigmas: karras computed in float64, held in
+    # float32); with ComfyUI's float32 karras the outcome differs, as basins at cfg 5 are this fine-grained
+    ramp = torch.linspace(0, 1, 10, dtype=torch.float64)
+    sigmas = (14.6146 ** (1 / 7) + ramp * (0.0292 ** (1 / 7) - 14.6146 ** (1 / 7))) ** 7
+    model, sigmas = AnalyticCFG("eps", 5.0), torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    sample = exact_nodes.comfy_sampler_function("res_multistep")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    x0 = sample(model, noise, sigmas.clone(), extra_args={}, disable=True)
+
+    def regeneration_db(runs):
+        found = multistep.exact_inversion_shooting(model, x0, sigmas.flip(0), sample=sample, runs=runs,
+                                                   max_model_calls=200 * 10)
+        return float(nmse_db(sample(model, found.clone(), sigmas.clone(), extra_args={}, disable=True), x0).max())
+    assert regeneration_db(multistep.RUNS) > -40
+    assert regeneration_db(exact_nodes.RUNS) < -60
