@@ -82,3 +82,30 @@ def test_shooting_needs_the_sampler_function():
         multistep.exact_inversion_shooting(model, noise, sigmas.flip(0))
     with pytest.raises(ValueError, match="runs"):
         multistep.exact_inversion_shooting(model, noise, sigmas.flip(0), sample=sample_euler, runs=("naive",))
+
+
+def test_a_later_run_starts_only_for_the_samples_the_earlier_ones_leave_above_minus_60_db():
+    # the first run starts at the true noise of sample 0 and at zeros for sample 1: sample 0 regenerates at
+    # once, so the second run's start is asked for sample 1's sake, and sample 0 comes back as it was, not
+    # from the second start (off by 1 there)
+    model, sigmas, noise = make_case("eps", cfg=5.0, steps=6, batch=2)
+    x0 = regenerate(sample_euler, model, noise, sigmas)
+    asked = []
+
+    def start_at(z):
+        def start(model, x, sigmas, extra_args, **options):
+            asked.append(z)
+            return z
+        return start
+    half_right = torch.stack([noise[0], torch.zeros_like(noise[1])])
+    off_for_sample_0 = torch.stack([noise[0] + 1.0, noise[1]])
+    runs = (multistep.ShootingRun(multistep.naive_inversion, start_at(half_right)),
+            multistep.ShootingRun(multistep.naive_inversion, start_at(off_for_sample_0)))
+    found = multistep.exact_inversion_shooting(model, x0, sigmas.flip(0), sample=sample_euler, runs=runs,
+                                               max_iterations=1)
+    assert len(asked) == 2 and torch.equal(found[0], noise[0].to(found.dtype))
+    # both samples right from the start: no later run
+    asked.clear()
+    runs = (multistep.ShootingRun(multistep.naive_inversion, start_at(noise)),) + runs[1:]
+    multistep.exact_inversion_shooting(model, x0, sigmas.flip(0), sample=sample_euler, runs=runs, max_iterations=1)
+    assert len(asked) == 1
