@@ -47,11 +47,7 @@ def comfy_guided_and_uncond(model, x, sigma, extra_args):
         return args["denoised"]
     options = comfy.model_patcher.set_model_options_post_cfg_function(
         dict(extra_args.get("model_options", {})), keep_uncond, disable_cfg1_optimization=True)
-    guided = model(x, sigma, model_options=options)
-    if kept.get("uncond") is None:   # a guider without a negative (BasicGuider) has none; cfg_pp needs it
-        raise ValueError("the cfg_pp samplers renoise with the unconditional prediction, and this guider gives "
-                         "none: invert with a negative conditioning (CFGGuider, or Invert Latent)")
-    return guided, kept["uncond"]
+    return model(x, sigma, model_options=options), kept["uncond"]
 
 
 def _own_step_backward_euler(name):
