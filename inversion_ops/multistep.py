@@ -99,9 +99,9 @@ def exact_inversion_shooting(model, x, sigmas, extra_args=None, callback=None, d
         start = target if run.start is None else run.start(   # the start spends the same budget
             counted, x, sigmas, extra_args, tolerance=START_TOLERANCE,
             max_model_calls=max(limit - counted.calls, 1) if limit else 0)
-        z = start if best["z"] is None else select(active, start, best["z"])
         if best["z"] is None:
-            best["z"] = z
+            best["z"] = start
+        z = select(active, start, best["z"])
         progress = {}
 
         def residual(z):
