@@ -52,6 +52,15 @@ def write_results(name, rows, summary, quick, notes=""):
     return path
 
 
+def publish(name, rows, summary, quick, notes, draw, columns, shown=None):
+    """A suite's ending: bench/results/<name>.json, its figure (draw(path to <name>.png)), then the rows
+    (`shown`, by default all) as a table and the summary on stdout."""
+    write_results(name, rows, summary, quick, notes)
+    draw(result_path(name, "png", quick))
+    print(markdown_table(rows if shown is None else shown, columns, floatfmt="{:g}"))
+    print("\nsummary:", summary)
+
+
 def result_path(name, ext, quick):
     os.makedirs(RESULTS, exist_ok=True)
     return os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.{ext}")

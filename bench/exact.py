@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import exact_analytic  # noqa: E402
-from common import markdown_table, result_path, write_results  # noqa: E402
+from common import markdown_table, publish  # noqa: E402
 from inversion_ops import exact  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
 from tests.support.metrics import nmse_db  # noqa: E402
@@ -217,10 +217,7 @@ def main(quick=False):
              "Tolerance 1e-4 RMS per element. The paper's fixed point runs at cfg 5 only (up to 500 calls "
              "per step). Grid: " + repr({m: {f"{s} {n}": c for (s, n), c in g.items()}
                                           for m, g in (QUICK_GRID if quick else FULL_GRID).items()}))
-    write_results("exact", rows, summary, quick, notes)
-    plot(rows, result_path("exact", "png", quick))
-    print(markdown_table(rows, COLUMNS, floatfmt="{:g}"))
-    print("\nsummary:", summary)
+    publish("exact", rows, summary, quick, notes, lambda path: plot(rows, path), COLUMNS)
     return summary
 
 

@@ -19,7 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from common import markdown_table, result_path, write_results  # noqa: E402
+from common import publish  # noqa: E402
 from exact_analytic import flow_sigmas, karras_sigmas  # noqa: E402
 from inversion_ops import exact  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
@@ -140,10 +140,8 @@ def main(quick=False):
     notes = ("Analytic Gaussian mixture (closed-form MMSE denoiser, CFG of two mixtures), 2 samples of 4x8x8 float32, "
              "ComfyUI's own sampler functions, pack defaults (tolerance 1e-4, 200 model calls per step budget), "
              "CPU, 1 thread. regen/noise NMSE: worst of the 2 samples. Grid: " + repr(QUICK if quick else FULL))
-    write_results("exact_samplers", rows, summary, quick, notes)
-    heat_map(rows, result_path("exact_samplers", "png", quick))
-    print(markdown_table([r for r in rows if r["method"] != "naive"], COLUMNS, floatfmt="{:g}"))
-    print("\nsummary:", summary)
+    publish("exact_samplers", rows, summary, quick, notes, lambda path: heat_map(rows, path), COLUMNS,
+            shown=[r for r in rows if r["method"] != "naive"])
     return summary
 
 

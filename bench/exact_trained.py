@@ -28,7 +28,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from common import markdown_table, result_path, write_results  # noqa: E402
+from common import markdown_table, publish  # noqa: E402
 from exact_samplers import invert_cell, schedules  # noqa: E402
 from tests.support.analytic import AnalyticCFG  # noqa: E402
 from tests.support.metrics import nmse_db  # noqa: E402
@@ -212,10 +212,7 @@ def main(quick=False):
     notes = ("trained: tiny_sd15_trained (karras) and tiny_sd3_trained (simple) from models/, CPU, float32, batch 1, "
              "16x16 latents, prompt 'cat face', Invert Latent's defaults; analytic: the Gaussian mixture, 2 samples "
              "of 4x8x8. regen_nmse_db is the worst sample's.")
-    write_results("exact_trained", rows, summary, quick, notes)
-    plot(rows, result_path("exact_trained", "png", quick))
-    print(markdown_table(rows, COLUMNS, floatfmt="{:g}"))
-    print("\nsummary:", summary)
+    publish("exact_trained", rows, summary, quick, notes, lambda path: plot(rows, path), COLUMNS)
     return summary
 
 

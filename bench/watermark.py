@@ -31,7 +31,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from common import markdown_table, result_path, write_results  # noqa: E402
+from common import markdown_table, publish  # noqa: E402
 from inversion_ops import exact, multistep, watermark  # noqa: E402
 from inversion_ops.common import StepLog  # noqa: E402
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser  # noqa: E402
@@ -208,10 +208,7 @@ def main(quick=False):
              f"a trained model (bench/watermark_trained.py runs one) nor the random-weight ones (they generate "
              f"white-noise latents). Detection: unconditional mixture at cfg 1 (the paper's empty prompt); "
              f"generation cfg {CFG}. Summary keys on dpmpp_2m 10 steps. CPU, 1 thread, float64.")
-    write_results("watermark", rows, summary, quick, notes)
-    plot(curves, result_path("watermark", "png", quick))
-    print(markdown_table(rows, COLUMNS, floatfmt="{:g}"))
-    print("\nsummary:", summary)
+    publish("watermark", rows, summary, quick, notes, lambda path: plot(curves, path), COLUMNS)
     return summary
 
 

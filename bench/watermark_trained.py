@@ -27,7 +27,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from common import markdown_table, result_path, write_results  # noqa: E402
+from common import markdown_table, publish  # noqa: E402
 from watermark import attack, roc  # noqa: E402
 
 CHECKPOINT, SCHEDULER, PROMPT, CFG = "tiny_sd3_trained.safetensors", "simple", "cat face", 5.0
@@ -154,10 +154,7 @@ def main(quick=False):
     notes = (f"{n} watermarked + {n} clean per cell (fewer than bench/watermark.py's 200: each exact detection of "
              f"the batch takes minutes here); {MODEL_LABEL}; generation '{PROMPT}' cfg {CFG:g}, detection empty "
              f"prompt cfg 1; rings channel {CHANNEL}, radius {RADIUS}. See the module docstring.")
-    write_results("watermark_trained", rows, summary, quick, notes)
-    plot(curves, result_path("watermark_trained", "png", quick))
-    print(markdown_table(rows, COLUMNS, floatfmt="{:g}"))
-    print("\nsummary:", summary)
+    publish("watermark_trained", rows, summary, quick, notes, lambda path: plot(curves, path), COLUMNS)
     return summary
 
 
