@@ -6,13 +6,17 @@ PYTEST_ARGS ?=
 SUITE ?= all
 QUICK ?=
 
-.PHONY: test demo bench provision dataset models gpu-bundle gpu-check
+.PHONY: test test-matrix demo bench provision dataset models gpu-bundle gpu-check
 
 provision:
 	@$(PROVISION); echo "ComfyUI: $$COMFYUI_DIR"; echo "Python:  $$COMFY_PYTHON"
 
 test:
 	@set -e; $(PROVISION); "$$COMFY_PYTHON" -m pytest $(PYTEST_ARGS)
+
+# The fast part of the suite under each of torch's vector-kernel paths and 1 and 2 threads (tools/test_matrix.sh).
+test-matrix:
+	@set -e; $(PROVISION); bash tools/test_matrix.sh
 
 demo:
 	@set -e; $(PROVISION); "$$COMFY_PYTHON" tools/demo.py

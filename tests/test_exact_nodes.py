@@ -470,25 +470,28 @@ def test_shooting_tries_the_naive_start_where_the_euler_start_stalls(comfy):
     assert log.model_calls <= 200 * 10   # within Invert Latent's default budget
 
 
-def test_shooting_tries_the_heun_and_dpm_2_starts_where_the_first_two_start_in_another_basin(comfy):
-    # ComfyUI's res_multistep at 10 karras steps and cfg 5 on the closed-form mixture: from the exact euler
-    # inversion and from N(x) the sampler regenerates one sample at another mixture component (+2 dB,
-    # tools/shooting_basins.py); from the exact heun inversion shooting regenerates it exactly
+def test_shooting_brings_back_every_sample_its_first_two_runs_leave_in_another_basin(comfy):
+    # ComfyUI's res_multistep at 10 karras steps and cfg 5 on the closed-form mixture, 24 noise pairs in one
+    # batch. Which noises the first two runs (euler start, N(x)) send to another mixture component depends
+    # on the machine's rounding, so the test states what holds on every machine measured (docs/results.md
+    # #shooting-runs): some samples land there, the later runs (heun, dpm_2 starts) bring each one back
+    # below -30 dB, and no sample gets worse, since the best iterate is kept over every run.
     from tests.support.analytic import AnalyticCFG
     from tests.support.metrics import nmse_db
     exact_nodes, multistep = comfy.pack_module("nodes.exact"), comfy.pack_module("inversion_ops.multistep")
-    # the benchmark's cell exactly (bench/exact_analytic.karras_sigmas: karras computed in float64, held in
-    # float32); with ComfyUI's float32 karras the outcome differs, as basins at cfg 5 are this fine-grained
-    ramp = torch.linspace(0, 1, 10, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, 10, dtype=torch.float64)   # the benchmark's karras: float64, held in float32
     sigmas = (14.6146 ** (1 / 7) + ramp * (0.0292 ** (1 / 7) - 14.6146 ** (1 / 7))) ** 7
     model, sigmas = AnalyticCFG("eps", 5.0), torch.cat([sigmas, sigmas.new_zeros(1)]).float()
     sample = exact_nodes.comfy_sampler_function("res_multistep")
-    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
-    x0 = sample(model, noise, sigmas.clone(), extra_args={}, disable=True)
+    noise = torch.cat([torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(24)])
+    x0 = sample(model, noise * sigmas[0], sigmas.clone(), extra_args={}, disable=True)
 
     def regeneration_db(runs):
         found = multistep.exact_inversion_shooting(model, x0, sigmas.flip(0), sample=sample, runs=runs,
                                                    max_model_calls=200 * 10)
-        return float(nmse_db(sample(model, found.clone(), sigmas.clone(), extra_args={}, disable=True), x0).max())
-    assert regeneration_db(multistep.RUNS) > -40
-    assert regeneration_db(exact_nodes.RUNS) < -60
+        return nmse_db(sample(model, found.clone(), sigmas.clone(), extra_args={}, disable=True), x0)
+    first_two, every_run = regeneration_db(multistep.RUNS), regeneration_db(exact_nodes.RUNS)
+    another_basin = first_two > -10
+    assert int(another_basin.sum()) >= 2, first_two
+    assert (every_run[another_basin] < -30).all(), every_run[another_basin]
+    assert (every_run <= first_two).all()
