@@ -24,7 +24,8 @@ import numbers
 
 import torch
 
-from .common import per_sample_rms, report, select, work_dtype
+from .common import per_sample_rms, report, work_dtype
+from .solvers import SampleTracker, adam_step
 
 # Defaults and policy, in one place; the node reads them for its inputs.
 METHOD_NAMES = ("forward_step", "momentum", "adam_residual", "gradient", "encoder")   # the node's order
@@ -99,47 +100,6 @@ def _check_options(max_iterations, tolerance, patience, **steps):
             raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-class _Track:
-    """Per-sample bookkeeping on the iterate's device: best iterate, stop masks, callback report.
-
-    State tensors are replaced (index_copy), never written in place, so what a callback keeps stays valid.
-    """
-
-    def __init__(self, z0, tolerance, patience, max_iterations, callback, model_calls):
-        b, device = z0.shape[0], z0.device
-        self.last = self.best = z0
-        self.residual = self.best_residual = torch.full((b,), math.inf, dtype=z0.dtype, device=device)
-        self.iterations = self.best_iteration = self.since_best = torch.zeros(b, dtype=torch.long, device=device)
-        self.converged = torch.zeros(b, dtype=torch.bool, device=device)
-        self.active = ~self.converged
-        self.tolerance, self.patience, self.max_iterations = tolerance, patience, max_iterations
-        self.callback, self.model_calls, self.model_calls_backward = callback, model_calls, 0
-
-    def rows(self):
-        """Indices of the samples still iterating (nonzero: the iteration's one host sync)."""
-        return self.active.nonzero().squeeze(1)
-
-    def score(self, i, idx, candidate, residual, model_calls):
-        """Score `candidate` (rows idx of the batch, i updates applied) by its residual; report."""
-        self.model_calls += model_calls
-        rms = per_sample_rms(residual)
-        better = rms < self.best_residual[idx]
-        since = torch.where(better, 0, self.since_best[idx] + 1)
-        converged = rms <= self.tolerance
-        stop = converged | (i >= self.max_iterations)
-        if self.patience is not None:
-            stop |= since >= self.patience
-        for name, rows in (("last", candidate), ("best", select(better, candidate, self.best[idx])),
-                           ("residual", rms), ("best_residual", torch.where(better, rms, self.best_residual[idx])),
-                           ("iterations", torch.full_like(idx, i)),
-                           ("best_iteration", torch.where(better, i, self.best_iteration[idx])),
-                           ("since_best", since), ("converged", converged), ("active", ~stop)):
-            setattr(self, name, getattr(self, name).index_copy(0, idx, rows))
-        report(self.callback, i=i, x=self.last, residual=self.residual, best_residual=self.best_residual,
-               iterations=self.iterations, best_iteration=self.best_iteration, hit_cap=~self.converged,
-               active=self.active, model_calls=self.model_calls, model_calls_backward=self.model_calls_backward)
-
-
 def _start(encode, x, dtype):
     """(x and E(x) in the work dtype, the model's dtype): the model runs in `dtype`, default x's."""
     dtype = x.dtype if dtype is None else dtype
@@ -147,150 +107,128 @@ def _start(encode, x, dtype):
     return x.to(wd), encode(x.to(dtype)).to(wd), dtype
 
 
-def _t(encode, decode, z, e_x, dtype):
-    """T(z) = E(D(z)) - E(x) in z's dtype, the model run in `dtype`."""
-    return encode(decode(z.to(dtype))).to(z.dtype) - e_x
+def _fixed_point_residual(encode, decode, x, dtype):
+    """(E(x), T) with T(z, rows) = E(D(z)) - E(x)[rows] in z's dtype, the model run in `dtype`."""
+    _, e_x, dtype = _start(encode, x, dtype)
+    return e_x, lambda z, rows: encode(decode(z.to(dtype))).to(z.dtype) - e_x[rows]
 
 
-def _adam_step(z, g, m, v, t, lr, eps, betas=(0.9, 0.999)):
-    """One Adam update (Kingma & Ba 2015, bias-corrected) of z along the direction g; t counts from 1."""
-    b1, b2 = betas
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    m_hat = m / (1 - b1 ** t)
-    v_hat = v / (1 - b2 ** t)
-    return z - lr * m_hat / (v_hat.sqrt() + eps), m, v
+def _iterate(z0, state, evaluate, update, callback, tolerance, patience, max_iterations, calls=(2, 0)):
+    """The loop every method shares: evaluate the active samples' rows of `state` (z first), score them,
+    report, then apply the method's `update` to those rows. calls: model calls per evaluation, backward
+    passes per update. Returns each sample's lowest-residual iterate."""
+    track = SampleTracker(z0)
+    last, residual = z0, torch.full_like(track.best_residual, math.inf)
+    best_iteration, model_calls, model_calls_backward = torch.zeros_like(track.iterations), 1, 0   # 1: E(x)
+    for i in range(max_iterations + 1):
+        rows = track.active.nonzero().squeeze(1)   # the iteration's one host sync
+        if rows.numel() == 0:
+            break
+        state_rows = [s[rows] for s in state]
+        candidate, r = evaluate(*state_rows, rows)
+        model_calls += calls[0]
+        last = last.index_copy(0, rows, candidate.detach())
+        residual = residual.index_copy(0, rows, per_sample_rms(r))
+        better = track.update(last, residual, track.active)
+        best_iteration = torch.where(better, track.iterations, best_iteration)
+        converged = track.best_residual <= tolerance
+        stalled = track.stale >= patience if patience is not None else torch.zeros_like(converged)
+        track.keep(~(converged | stalled | (i >= max_iterations)))
+        report(callback, i=i, x=last, residual=residual, best_residual=track.best_residual,
+               iterations=track.iterations, best_iteration=best_iteration, hit_cap=~converged, active=track.active,
+               model_calls=model_calls, model_calls_backward=model_calls_backward)
+        if i == max_iterations:
+            break
+        state = [s.index_copy(0, rows, new) for s, new in zip(state, update(i, state_rows, candidate, r))]
+        model_calls_backward += calls[1]
+    return track.best_x
 
 
 def invert_encoder(encode, decode, x, callback=None, disable=None, *, tolerance=TOLERANCE, residual=True,
                    dtype=None):
-    """Baseline z = E(x) (the encoder's mean/mode, no sampling); with `residual`, also reports
-    T(E(x)) (2 more model calls), `hit_cap` saying whether it is above `tolerance`."""
+    """Baseline z = E(x); with `residual`, also reports T(E(x)) (2 more model calls)."""
     _check_options(0, tolerance, None)
     with torch.no_grad():
-        _, e_x, dtype = _start(encode, x, dtype)
+        e_x, t = _fixed_point_residual(encode, decode, x, dtype)
         if residual:
-            track = _Track(e_x, tolerance, None, 0, callback, model_calls=1)
-            idx = torch.arange(e_x.shape[0], device=e_x.device)
-            track.score(0, idx, e_x, _t(encode, decode, e_x, e_x, dtype), 2)
+            _iterate(e_x, [e_x], lambda z, rows: (z, t(z, rows)), None, callback, tolerance, None, 0)
         return e_x
 
 
 def invert_forward_step(encode, decode, x, callback=None, disable=None, *, max_iterations=MAX_ITERATIONS,
                         rho=DEFAULT_STEP["forward_step"], tolerance=TOLERANCE, patience=None, dtype=None):
-    """Forward step z <- z - rho*T(z), T(z) = E(D(z)) - E(x), from z0 = E(x) (Theorem 1: 0 < rho < 2 beta).
-
-    Up to `max_iterations` updates; the residual is evaluated max_iterations + 1 times (the last
-    scores the final iterate), 2 model calls each, plus 1 for E(x).
-    """
+    """Forward step z <- z - rho*T(z), T(z) = E(D(z)) - E(x), from z0 = E(x) (Hong et al. 2024, Theorem 1)."""
     _check_options(max_iterations, tolerance, patience, rho=rho)
     with torch.no_grad():
-        _, e_x, dtype = _start(encode, x, dtype)
-        z = e_x
-        track = _Track(z, tolerance, patience, max_iterations, callback, model_calls=1)
-        for i in range(max_iterations + 1):
-            idx = track.rows()
-            if idx.numel() == 0:
-                break
-            za = z[idx]
-            r = _t(encode, decode, za, e_x[idx], dtype)
-            track.score(i, idx, za, r, 2)
-            if i == max_iterations:
-                break
-            z = z.index_copy(0, idx, za - rho * r)     # rows that just stopped are never evaluated again
-        return track.best
+        e_x, t = _fixed_point_residual(encode, decode, x, dtype)
+
+        def evaluate(z, rows):
+            return z, t(z, rows)
+
+        def update(i, state, z, r):
+            return [z - rho * r]
+        return _iterate(e_x, [e_x], evaluate, update, callback, tolerance, patience, max_iterations)
 
 
 def invert_momentum(encode, decode, x, callback=None, disable=None, *, max_iterations=MAX_ITERATIONS,
                     alpha=MOMENTUM, rho=DEFAULT_STEP["momentum"], beta=COCOERCIVITY, tolerance=TOLERANCE,
                     patience=None, dtype=None):
-    """Inertial Krasnoselskii-Mann iteration, Theorem 2 of Hong et al. (2024), from z0 = z_-1 = E(x):
-    y = z + alpha*(z - z_prev); z <- y - rho*T(y).
-
-    (alpha, rho) are checked against Theorem 2 with cocoercivity `beta` (`check_inertial_km`): the
-    defaults 0.3 / 0.5 need beta > 0.45 (limit rho < 1.11 beta), a 2x margin for beta = 1.
-    The residual is evaluated at y, so y is what is scored, reported and returned.
-    """
+    """Inertial Krasnoselskii-Mann (Hong et al. 2024, Theorem 2) from z0 = z_-1 = E(x):
+    y = z + alpha*(z - z_prev); z <- y - rho*T(y). y is what is scored and returned."""
     check_inertial_km(alpha, rho, beta)
     _check_options(max_iterations, tolerance, patience)
     with torch.no_grad():
-        _, e_x, dtype = _start(encode, x, dtype)
-        z = z_prev = e_x
-        track = _Track(z, tolerance, patience, max_iterations, callback, model_calls=1)
-        for i in range(max_iterations + 1):
-            idx = track.rows()
-            if idx.numel() == 0:
-                break
-            za = z[idx]
-            y = za + alpha * (za - z_prev[idx])                              # inertia
-            r = _t(encode, decode, y, e_x[idx], dtype)
-            track.score(i, idx, y, r, 2)
-            if i == max_iterations:
-                break
-            z_prev, z = z_prev.index_copy(0, idx, za), z.index_copy(0, idx, y - rho * r)
-        return track.best
+        e_x, t = _fixed_point_residual(encode, decode, x, dtype)
+
+        def evaluate(z, z_prev, rows):
+            y = z + alpha * (z - z_prev)
+            return y, t(y, rows)
+
+        def update(i, state, y, r):
+            return [y - rho * r, state[0]]
+        return _iterate(e_x, [e_x, e_x], evaluate, update, callback, tolerance, patience, max_iterations)
 
 
 def invert_adam_residual(encode, decode, x, callback=None, disable=None, *, max_iterations=ADAM_MAX_ITERATIONS,
                          lr=DEFAULT_STEP["adam_residual"], eps=ADAM_EPS, tolerance=TOLERANCE, patience=None,
                          dtype=None):
-    """The authors' released gradient-free update: Adam (0.9, 0.999) with the residual T(z) as its
-    gradient, lr schedule `authors_lr` (warm-up C//10, cosine to 0.8 C, then held; C = min(max_iterations, 100)).
-    Moments in the work dtype (float32), so eps 1e-8 holds even when the model runs in 16 bit."""
+    """The authors' released gradient-free update: Adam with T(z) as its gradient, lr schedule `authors_lr`."""
     _check_options(max_iterations, tolerance, patience, lr=lr, eps=eps)
     with torch.no_grad():
-        _, e_x, dtype = _start(encode, x, dtype)
-        z, m, v = e_x, torch.zeros_like(e_x), torch.zeros_like(e_x)
-        track = _Track(z, tolerance, patience, max_iterations, callback, model_calls=1)
-        for i in range(max_iterations + 1):
-            idx = track.rows()
-            if idx.numel() == 0:
-                break
-            za = z[idx]
-            r = _t(encode, decode, za, e_x[idx], dtype)
-            track.score(i, idx, za, r, 2)
-            if i == max_iterations:
-                break
-            step = _adam_step(za, r, m[idx], v[idx], i + 1, authors_lr(i, max_iterations, lr), eps)
-            z, m, v = (t.index_copy(0, idx, s) for t, s in zip((z, m, v), step))
-        return track.best
+        e_x, t = _fixed_point_residual(encode, decode, x, dtype)
+
+        def evaluate(z, m, v, rows):
+            return z, t(z, rows)
+
+        def update(i, state, z, r):
+            return adam_step(z, r, state[1], state[2], i + 1, authors_lr(i, max_iterations, lr), eps)
+        zeros = torch.zeros_like(e_x)
+        return _iterate(e_x, [e_x, zeros, zeros], evaluate, update, callback, tolerance, patience, max_iterations)
 
 
 def invert_gradient(encode, decode, x, callback=None, disable=None, *, max_iterations=ADAM_MAX_ITERATIONS,
                     lr=DEFAULT_STEP["gradient"], warmup=None, eps=ADAM_EPS, tolerance=GRADIENT_TOLERANCE,
                     patience=None, dtype=None):
-    """Gradient-based baseline: Adam on ||D(z) - x||^2 (summed per sample) from z0 = E(x), linear
-    warm-up over `warmup` (default max_iterations//10) then cosine decay to 0. Residual here = RMS of
-    D(z) - x per sample (pixel units), so `tolerance` is in pixel units (default 0: run every iteration).
-
-    Autograd runs on fresh tensors under inference_mode(False) + enable_grad and takes the gradient
-    w.r.t. z only (torch.autograd.grad): model weights get no .grad and keep their requires_grad.
-    Each evaluation is one decode (`model_calls`) and, when an update follows, one backward through D
-    (`model_calls_backward`).
-    """
+    """Gradient baseline: Adam on ||D(z) - x||^2 from z0 = E(x), `cosine_warmup_lr` (warm-up default
+    max_iterations//10). The residual is D(z) - x, so `tolerance` is in pixel units. Gradients go to z only."""
     warmup = max(1, max_iterations // 10) if warmup is None else warmup
     _check_options(max_iterations, tolerance, patience, lr=lr, eps=eps, warmup=warmup)
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
-            x, z, dtype = _start(encode, x.clone(), dtype)   # clones outside inference mode are normal tensors
-        m, v = torch.zeros_like(z), torch.zeros_like(z)
-        track = _Track(z, tolerance, patience, max_iterations, callback, model_calls=1)
-        for i in range(max_iterations + 1):
-            idx = track.rows()
-            if idx.numel() == 0:
-                break
-            za = z[idx].requires_grad_(True)
-            err = decode(za.to(dtype)).to(za.dtype) - x[idx]                  # D(z) - x
-            track.score(i, idx, za.detach(), err.detach(), 1)
-            if i == max_iterations:
-                break
-            (g,) = torch.autograd.grad(err.pow(2).sum(), za)
-            track.model_calls_backward += 1
+            x, z0, dtype = _start(encode, x.clone(), dtype)   # clones outside inference mode are normal tensors
+
+        def evaluate(z, m, v, rows):
+            z.requires_grad_(True)
+            return z, decode(z.to(dtype)).to(z.dtype) - x[rows]
+
+        def update(i, state, z, error):
+            (g,) = torch.autograd.grad(error.pow(2).sum(), z)
             with torch.no_grad():
-                step = _adam_step(za.detach(), g, m[idx], v[idx], i + 1,
-                                  cosine_warmup_lr(i, max_iterations, lr, warmup), eps)
-                z, m, v = (t.index_copy(0, idx, s) for t, s in zip((z, m, v), step))
-        return track.best
+                return adam_step(z.detach(), g, state[1], state[2], i + 1,
+                                 cosine_warmup_lr(i, max_iterations, lr, warmup), eps)
+        zeros = torch.zeros_like(z0)
+        return _iterate(z0, [z0, zeros, zeros], evaluate, update, callback, tolerance, patience, max_iterations,
+                        calls=(1, 1))
 
 
 METHODS = {

@@ -21,6 +21,7 @@ import math
 import torch
 
 from .common import append_dims, check_sigmas, naive_step, report, select, sigma_batch, to_d, work_dtype
+from .solvers import SampleTracker, adam_step
 
 # Defaults and policy, read by the nodes.
 TOLERANCES = {"precise (1e-5)": math.sqrt(1e-5), "fast (1e-2)": math.sqrt(1e-2)}   # the paper's eta presets
@@ -55,61 +56,53 @@ def _bb_update(x, grad, state, mask, lr_s):
     return select(mask, x - append_dims(alpha, grad) * grad, x)
 
 
-def _adam_update(x, grad, state, mask, lr_s, betas=(0.9, 0.999)):
-    """Adam (Kingma & Ba) on the samples in `mask`; lr_s is the per-element step in latent units."""
+def _adam_update(x, grad, state, mask, lr_s):
+    """Adam on the samples in `mask`; lr_s is the per-element step in latent units."""
     n = state["n"] + mask.to(state["n"].dtype)
-    m = select(mask, betas[0] * state["m"] + (1 - betas[0]) * grad, state["m"])
-    v = select(mask, betas[1] * state["v"] + (1 - betas[1]) * grad * grad, state["v"])
-    state.update(n=n, m=m, v=v)
-    n = n.clamp_min(1)
-    m_hat, v_hat = m / append_dims(1 - betas[0] ** n, grad), v / append_dims(1 - betas[1] ** n, grad)
-    return select(mask, x - append_dims(lr_s, grad) * m_hat / (v_hat.sqrt() + 1e-12), x)
+    t, lr = append_dims(n.clamp_min(1), grad), append_dims(lr_s, grad)
+    stepped, m, v = adam_step(x, grad, state["m"], state["v"], t, lr, eps=1e-12)
+    state.update(n=n, m=select(mask, m, state["m"]), v=select(mask, v, state["v"]))
+    return select(mask, stepped, x)
+
+
+UPDATES = {"bb": _bb_update, "adam": _adam_update}
+
+
+def _fresh_state(x):
+    zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    return {"n": zeros, "alpha": zeros, "m": torch.zeros_like(x), "v": torch.zeros_like(x),
+            "x_prev": torch.zeros_like(x), "g_prev": torch.zeros_like(x)}
 
 
 def preciseinv_step(model, x_t, sigma_t, sigma_s, extra_args, tolerance, max_iterations, lr, optimizer,
                     patience, decay, counts):
-    """Learn x_s (sigma_s > sigma_t) so that one Euler / DDIM step s -> t reproduces x_t, per sample.
-
-    Start from the naive step; a sample whose best residual has not improved for `patience`
-    iterations, or whose loss is not finite, restarts from its best latent with lr * decay; it stops
-    below `tolerance` or after max_iterations gradient steps. Every model call takes the whole batch
-    (conditioning may differ per row); finished rows are simply not updated.
-    Returns (best x_s, residual RMS, iterations, hit_cap), the last three per sample.
-    """
-    update = {"bb": _bb_update, "adam": _adam_update}[optimizer]
-    b, dev, dt = x_t.shape[0], x_t.device, x_t.dtype
+    """Learn x_s (sigma_s > sigma_t) so that one Euler / DDIM step s -> t reproduces x_t, per sample, from
+    the naive step. A sample that stalls `patience` iterations, or whose loss is not finite, restarts from
+    its best latent with lr * decay. Returns (best x_s, residual RMS, iterations, hit_cap)."""
     x = naive_step(model, x_t, sigma_t, sigma_s, extra_args).detach()
     counts.forward += 1
-    best_x, best_rms = x.clone(), torch.full((b,), math.inf, dtype=dt, device=dev)
-    lr_s = torch.full((b,), lr * sigma_s, dtype=dt, device=dev)
-    stale, iterations = (torch.zeros(b, dtype=torch.long, device=dev) for _ in range(2))
-    active = torch.ones(b, dtype=torch.bool, device=dev)
-    zeros = torch.zeros(b, dtype=dt, device=dev)
-    state = {"n": zeros, "alpha": zeros, "m": torch.zeros_like(x), "v": torch.zeros_like(x),
-             "x_prev": torch.zeros_like(x), "g_prev": torch.zeros_like(x)}
+    track, state = SampleTracker(x.clone()), _fresh_state(x)
+    lr_s = torch.full_like(track.best_residual, lr * sigma_s)
     for it in range(max_iterations + 1):
         leaf = x.detach().requires_grad_(True)
         loss = _step_loss(model, leaf, x_t, sigma_s, sigma_t, extra_args)
         counts.forward += 1
         rms = loss.detach().sqrt()
-        finite = torch.isfinite(rms)
-        improved = active & finite & (rms < best_rms)
-        best_rms, best_x = torch.where(improved, rms, best_rms), select(improved, leaf.detach(), best_x)
-        stale = torch.where(improved, 0, stale + active.long())
-        active = active & ~((best_rms < tolerance) | ~torch.isfinite(best_rms) | (it == max_iterations))
+        track.update(leaf.detach(), rms, track.active)
+        best = track.best_residual
+        active = track.keep(~((best < tolerance) | ~torch.isfinite(best) | (it == max_iterations)))
         if not bool(active.any()):   # the one host sync per iteration
             break
-        restart = active & ((stale >= patience) | ~finite)
+        restart = active & ((track.stale >= patience) | ~torch.isfinite(rms))
         step = active & ~restart
         (grad,) = torch.autograd.grad(torch.where(step, loss, 0).sum(), leaf)
         counts.backward += 1
-        x = update(leaf.detach(), grad, state, step, lr_s)
+        x = UPDATES[optimizer](leaf.detach(), grad, state, step, lr_s)
         # restarts: back to the best latent, a smaller first step, fresh optimiser state
-        x, lr_s = select(restart, best_x, x), torch.where(restart, lr_s * decay, lr_s)
-        stale = torch.where(restart, 0, stale)
+        x, lr_s = select(restart, track.best_x, x), torch.where(restart, lr_s * decay, lr_s)
+        track.stale = torch.where(restart, 0, track.stale)
         state = {k: select(restart, torch.zeros_like(v), v) for k, v in state.items()}
-        iterations += active.long()
-    return best_x.detach(), best_rms, iterations, best_rms >= tolerance
+    return track.best_x.detach(), track.best_residual, track.iterations, track.best_residual >= tolerance
 
 
 def preciseinv(model, x, sigmas, extra_args=None, callback=None, disable=None, tolerance=TOLERANCES["precise (1e-5)"],
