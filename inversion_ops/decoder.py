@@ -1,23 +1,6 @@
-"""Decoder inversion: find z with D(z) = x, given an encoder E and a decoder D (Hong et al., NeurIPS 2024).
-
-Every method is one function `invert_x(encode, decode, x, callback=None, disable=None, **options) -> z`:
-- `encode(x) -> z` and `decode(z) -> x` are plain callables on batches (B, ...) whose rows are
-  independent. They run in `dtype` (default: x's): they are called with `t.to(dtype)` and their
-  outputs are cast back to the work dtype, so the iterate z, E(x), the residual and Adam's moments
-  are float32 (float64 stays float64, `common.work_dtype`) whatever dtype the model runs in.
-- The gradient-free methods iterate on the residual T(z) = E(D(z)) - E(x) from z0 = E(x) under
-  `torch.no_grad()`; only `invert_gradient` uses autograd (w.r.t. z only: weights get no .grad).
-- Stopping is per sample: a sample stops when the RMS of its residual (per element, so `tolerance`
-  does not change meaning with resolution) is <= `tolerance`, after `patience` evaluations without
-  a new best, or after `max_iterations` updates; a stopped sample is no longer sent through the model.
-- None of these iterations is monotone, so each sample's lowest-residual iterate is returned.
-- After every evaluation `callback` gets a dict (`common.report`; `common.StepLog` records it):
-  `i`, `x` (the iterate just evaluated, whole batch: stopped samples keep their last), the per-sample
-  (B,) tensors `residual` (RMS; stopped samples repeat their last value), `best_residual`,
-  `iterations` (updates applied), `best_iteration`, `hit_cap` (tolerance not reached yet) and
-  `active`, and the running counts `model_calls` (encode + decode calls) and `model_calls_backward`
-  (backward passes through D, gradient method only). Raise in it to interrupt.
-- Every tensor lives on x's device; each iteration makes one host sync (which samples are active).
+"""Decoder inversion (Hong et al., NeurIPS 2024): find z with D(z) = x. Each method is `invert_<name>(encode,
+decode, x, callback=None, disable=None, **options) -> z`, rows independent, the model run in `dtype`, the
+iterate float32; each sample stops on its own and returns its lowest-residual iterate.
 """
 import math
 import numbers
@@ -27,7 +10,7 @@ import torch
 from .common import per_sample_rms, report, work_dtype
 from .solvers import SampleTracker, adam_step
 
-# Defaults and policy, in one place; the node reads them for its inputs.
+# Defaults and policy, read by the node.
 METHOD_NAMES = ("forward_step", "momentum", "adam_residual", "gradient", "encoder")   # the node's order
 METHOD = "forward_step"
 MAX_ITERATIONS = 50          # updates per sample (forward_step, momentum and the node)
@@ -36,14 +19,10 @@ TOLERANCE = 1e-4             # RMS per element of E(D(z)) - E(x), raw latent uni
 GRADIENT_TOLERANCE = 0.0     # the gradient method's residual D(z) - x is in pixel units: run every iteration
 DEFAULT_STEP = {"forward_step": 0.5, "momentum": 0.5, "adam_residual": 0.01, "gradient": 0.01}
 STEP_OPTION = {"forward_step": "rho", "momentum": "rho", "adam_residual": "lr", "gradient": "lr"}
-MOMENTUM = 0.3               # inertia alpha: with rho 0.5 a 2x margin in Theorem 2 for beta = 1
+MOMENTUM = 0.3               # inertia alpha, inside Theorem 2 with rho 0.5: see docs/results.md#momentum
 COCOERCIVITY = 1.0           # beta: exact when E is D's left-inverse, an assumption for a real VAE
 ADAM_EPS = 1e-8              # Adam's moments are float32, so 1e-8 does not underflow
-# precision "auto": float32 for every method, whatever the VAE's dtype. On the trained tiny TAESD
-# (bench/results/decoder.json, CPU) the model in fp16 ends 3.1 dB and in bf16 18.5 dB above fp32's
-# NMSE even with a float32 iterate (its rounding sets the residual's floor), and the gradient method's
-# backward pass underflows in 16 bit. A 16-bit VAE then runs on a float32 copy of its weights.
-AUTO_DTYPE = torch.float32
+AUTO_DTYPE = torch.float32   # precision "auto": a 16-bit VAE's rounding sets the floor; see docs/results.md#auto-dtype
 
 
 def cosine_warmup_lr(i, max_iterations, lr, warmup):
@@ -54,26 +33,19 @@ def cosine_warmup_lr(i, max_iterations, lr, warmup):
 
 
 def authors_lr(i, max_iterations, lr):
-    """The schedule of the authors' released gradient-free Adam: C = min(max_iterations, 100), warm-up
-    C//10, cosine over C but held at its value from iteration ceil(0.8 C) - 1 on (about 0.13 lr for C = 100)."""
+    """The authors' released schedule: C = min(max_iterations, 100), warm-up C//10, cosine held from 0.8 C."""
     c = min(max_iterations, 100)
     return cosine_warmup_lr(min(i, math.ceil(0.8 * c) - 1), c, lr, c // 10)
 
 
 def inertial_km_max_rho(alpha, beta=COCOERCIVITY):
-    """Largest step rho = 2*lambda*beta that Theorem 2 allows: lambda < (1 - alpha)^2 / (1 - alpha + 2 alpha^2)."""
+    """Largest rho = 2*lambda*beta that Theorem 2 allows: lambda < (1 - alpha)^2 / (1 - alpha + 2 alpha^2)."""
     return 2 * beta * (1 - alpha) ** 2 / (1 - alpha + 2 * alpha ** 2)
 
 
 def check_inertial_km(alpha, rho, beta=COCOERCIVITY):
-    """Raise ValueError unless (alpha, rho) satisfy Theorem 2 of Hong et al. (2024) for cocoercivity beta.
-
-    The update z <- y - rho*T(y) is the theorem's y - 2*lambda*beta*T(y), so lambda = rho / (2 beta), and
-    convergence needs 0 <= alpha < 1, lambda > 0 and lambda*(1 - alpha + 2 alpha^2) < (1 - alpha)^2.
-    beta is T's cocoercivity constant: exactly 1 when E is the left-inverse of D (then T(z) = z - z*);
-    for a real VAE it is an assumption (the paper measures it per model). alpha = 0 gives rho < 2 beta,
-    Theorem 1's forward-step condition.
-    """
+    """Raise ValueError unless (alpha, rho) satisfy Theorem 2 of Hong et al. (2024), lambda = rho / (2 beta),
+    for T's cocoercivity beta (1 when E is D's left-inverse; for a real VAE an assumption)."""
     if not 0 <= alpha < 1:
         raise ValueError(f"inertial KM needs 0 <= alpha < 1 (Theorem 2), got alpha={alpha}")
     if beta <= 0:
@@ -114,9 +86,8 @@ def _fixed_point_residual(encode, decode, x, dtype):
 
 
 def _iterate(z0, state, evaluate, update, callback, tolerance, patience, max_iterations, calls=(2, 0)):
-    """The loop every method shares: evaluate the active samples' rows of `state` (z first), score them,
-    report, then apply the method's `update` to those rows. calls: model calls per evaluation, backward
-    passes per update. Returns each sample's lowest-residual iterate."""
+    """The loop every method shares: evaluate the active rows of `state` (z first), score and report them,
+    apply the method's `update` to them. calls: (model calls per evaluation, backward passes per update)."""
     track = SampleTracker(z0)
     last, residual = z0, torch.full_like(track.best_residual, math.inf)
     best_iteration, model_calls, model_calls_backward = torch.zeros_like(track.iterations), 1, 0   # 1: E(x)
@@ -146,7 +117,7 @@ def _iterate(z0, state, evaluate, update, callback, tolerance, patience, max_ite
 
 def invert_encoder(encode, decode, x, callback=None, disable=None, *, tolerance=TOLERANCE, residual=True,
                    dtype=None):
-    """Baseline z = E(x); with `residual`, also reports T(E(x)) (2 more model calls)."""
+    """Baseline z = E(x); with `residual`, also reports the residual T(E(x))."""
     _check_options(0, tolerance, None)
     with torch.no_grad():
         e_x, t = _fixed_point_residual(encode, decode, x, dtype)

@@ -1,20 +1,5 @@
-"""PreciseInv (Zuo et al., NeurIPS 2025): per-step learned-noise inversion of a DDIM / Euler sampler.
-
-Sigmas are ascending (the sampling schedule flipped). For each step t -> s (t < s) the latent x_s
-is learned so that ONE sampler step `euler_step(x_s, D(x_s, s), s, t)` reproduces the already
-inverted x_t: gradient descent on the per-element loss mean((Step(x_s) - x_t)^2), started from the
-naive step, until the loss's root (the residual RMS) is below `tolerance` or `max_iterations` is
-reached. The paper's threshold eta on the loss is tolerance**2 here (eta 1e-5 -> tolerance 3.2e-3).
-
-Learning x_s is learning the paper's noise eps_s = (x_s - a_s*x0) / s up to the factor s, so `lr`
-is in noise units: the latent moves by about lr * s per element (first step of a run). Step sizes
-are Barzilai-Borwein by default (on the analytic model, 12 EPS / flow, cfg 1 / 3, 2-10 step cases
-at eta 1e-5: about 3x fewer model calls and 12 dB better reconstruction than Adam at the same lr).
-Gradient descent on a squared residual can stall with a non-zero residual (cfg 3 on the analytic
-model): the callback's `hit_cap` says so.
-
-Gradients go to the latent only (torch.autograd.grad on a leaf of our own); model weights that are
-inference tensors cannot be used (autograd must save them for the input gradient).
+"""PreciseInv (Zuo et al., NeurIPS 2025): per step t -> s (ascending sigmas), learn x_s so that ONE Euler / DDIM
+step reproduces x_t, by gradient descent on mean((Step(x_s) - x_t)^2); `tolerance` is the root of the paper's eta.
 """
 import math
 
@@ -26,7 +11,7 @@ from .solvers import SampleTracker, adam_step
 # Defaults and policy, read by the nodes.
 TOLERANCES = {"precise (1e-5)": math.sqrt(1e-5), "fast (1e-2)": math.sqrt(1e-2)}   # the paper's eta presets
 MAX_ITERATIONS = 200
-LR = 0.2
+LR = 0.2                # noise units: see docs/results.md#lr
 OPTIMIZERS = ("bb", "adam")
 
 
@@ -43,8 +28,7 @@ def _step_loss(model, x_s, x_t, sigma_s, sigma_t, extra_args):
 
 
 def _bb_update(x, grad, state, mask, lr_s):
-    """Barzilai-Borwein (BB1) gradient steps on the samples in `mask`; the first step after a
-    (re)start moves the latent by RMS lr_s."""
+    """Barzilai-Borwein (BB1) steps on the samples in `mask`; a (re)start's first step moves the latent by lr_s."""
     g_rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-30)
     ds, dg = x - state["x_prev"], grad - state["g_prev"]
     sy, ss = (ds * dg).flatten(1).sum(1), ds.flatten(1).pow(2).sum(1)
@@ -107,13 +91,8 @@ def preciseinv_step(model, x_t, sigma_t, sigma_s, extra_args, tolerance, max_ite
 
 def preciseinv(model, x, sigmas, extra_args=None, callback=None, disable=None, tolerance=TOLERANCES["precise (1e-5)"],
                max_iterations=MAX_ITERATIONS, lr=LR, optimizer="bb", patience=20, decay=0.5):
-    """Implements Algorithm 1 (PreciseInv) of Zuo et al. (2025) for ComfyUI's Euler / DDIM sampler.
-
-    x: the clean latent at sigmas[0]; sigmas ascending (flow may end at exactly 1). tolerance: per
-    step, on the RMS per element of Step(x_s) - x_t. Returns x_T, detached, float32 (float64 stays).
-    Safe under torch.inference_mode() with inference-tensor inputs. The callback dict carries
-    `model_calls` (forward passes) and `model_calls_backward`.
-    """
+    """Algorithm 1 (PreciseInv) of Zuo et al. (2025) for Euler / DDIM. `lr` is in noise units (the latent moves
+    about lr * sigma); `optimizer` 'bb' (see docs/results.md#optimizer) or 'adam'. Gradients go to the latent only."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     sigmas = check_sigmas(sigmas).detach().cpu().double().tolist()   # plain floats: one host copy
