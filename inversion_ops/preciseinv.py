@@ -49,7 +49,7 @@ def _adam_update(x, grad, state, mask, lr_s):
     return select(mask, stepped, x)
 
 
-UPDATES = {"bb": _bb_update, "adam": _adam_update}
+_UPDATES = {"bb": _bb_update, "adam": _adam_update}
 
 
 def _fresh_state(x):
@@ -81,7 +81,7 @@ def preciseinv_step(model, x_t, sigma_t, sigma_s, extra_args, tolerance, max_ite
         step = active & ~restart
         (grad,) = torch.autograd.grad(torch.where(step, loss, 0).sum(), leaf)
         counts.backward += 1
-        x = UPDATES[optimizer](leaf.detach(), grad, state, step, lr_s)
+        x = _UPDATES[optimizer](leaf.detach(), grad, state, step, lr_s)
         # restarts: back to the best latent, a smaller first step, fresh optimiser state
         x, lr_s = select(restart, track.best_x, x), torch.where(restart, lr_s * decay, lr_s)
         track.stale = torch.where(restart, 0, track.stale)
