@@ -1,17 +1,9 @@
-"""Helpers shared by every inversion function: one idea each, in k-diffusion's conventions.
-
-- A model is `model(x, sigma_batch, **extra_args) -> denoised` (CFG applied), sigma a (B,) tensor.
-- Tensors we create live on the input's device; iterates and residuals are float32 (float64 stays
-  float64) whatever the model's dtype; tolerances are per element (an RMS over one sample).
-- Diagnostics travel in the callback dict: `i`, `x`, `sigma`, `sigma_hat`, `denoised`, plus
-  `residual`, `iterations`, `hit_cap` (per-sample (B,) tensors) and `model_calls` (running count).
-"""
+"""Helpers shared by every inversion function, in k-diffusion's conventions: `model(x, sigma_batch, **extra_args)
+-> denoised`; iterates float32 (float64 stays); tolerances are RMS per element; diagnostics in the callback dict."""
 import torch
 
 SIGMA_FLOOR = 1e-4   # what ComfyUI's FlipSigmas puts in place of a leading 0
-# The smallest residual RMS a model computing in this dtype lets a per-step solve reach: about 4x the
-# floor measured with an analytic model whose input and output carry that dtype's rounding (latents of
-# RMS ~1, euler at cfg 5: fp16 6.5e-5, bf16 5.3e-4). Below it a step would run to its iteration cap.
+# below what a model in this dtype lets a step reach, a solve runs to its cap: see docs/results.md#tolerance-floor
 TOLERANCE_FLOOR = {torch.float16: 3e-4, torch.bfloat16: 2e-3}
 
 
@@ -42,25 +34,18 @@ def to_d(x, sigma, denoised):
 
 
 def euler_step(x, denoised, sigma, sigma_next):
-    """One DDIM / Euler step with ComfyUI's `sample_euler` arithmetic (x + d * dt), in any direction.
-
-    Valid for EPS, V_PREDICTION and CONST (flow) alike: they differ only in D.
-    """
+    """One DDIM / Euler step with ComfyUI's `sample_euler` arithmetic (x + d * dt), either direction, any D."""
     return x + to_d(x, sigma, denoised) * (sigma_next - sigma)
 
 
 def naive_step(model, x, sigma, sigma_next, extra_args):
-    """The one naive inversion step sigma -> sigma_next (noisier): D evaluated at x labelled with
-    sigma_next (DDIM inversion's approximation; nothing divides by sigma, which may be 0)."""
+    """Naive inversion step sigma -> sigma_next (noisier), D taken at x labelled sigma_next (DDIM inversion)."""
     denoised = model(x, sigma_batch(sigma_next, x), **extra_args).to(x.dtype)
     return x + to_d(x, sigma_next, denoised) * (sigma_next - sigma)
 
 
 def check_sigmas(sigmas, ascending=True, unit_interval=False):
-    """Validate a schedule; returns it as a 1-D tensor (on its own device).
-
-    ascending: an inversion walks up from the least noisy sigma; descending: noise -> image.
-    """
+    """Validate a schedule (ascending for inversions, descending noise -> image); returns it 1-D."""
     if not torch.is_tensor(sigmas):
         sigmas = torch.tensor(sigmas, dtype=torch.float64)   # cpu: a list has no device; callers move it
     sigmas = sigmas.flatten()
@@ -87,8 +72,7 @@ def select(mask, new, old):
 
 
 class CountedModel:
-    """`model` with its calls counted (one call on a batch counts once, CFG included). Other
-    attributes are the model's, so a sampler that reads `model.inner_model` can run on it."""
+    """`model` with its calls counted; other attributes are the model's (samplers read `inner_model`)."""
 
     def __init__(self, model, extra_args=None):
         self.model, self.extra_args, self.calls = model, extra_args or {}, 0
@@ -113,13 +97,8 @@ def report(callback, **fields):
 
 
 class StepLog:
-    """A callback that keeps what the inversion functions report, as plain lists, for a node's
-    convergence view, tests and benchmarks. Chain it before ComfyUI's own callback with `tee`.
-
-    One record per callback (per step, or per evaluation for decoder inversion) holding every
-    reported field but the tensors themselves (`residual`, `iterations`, `hit_cap`, ... per sample;
-    `pass` for dpmpp_2m's refine passes), and the last running model-call counts.
-    """
+    """A callback keeping every reported field but the latents, one record per callback, and the last
+    model-call counts; `tee` chains it before ComfyUI's own callback."""
 
     SKIP = ("x", "denoised", "sigma", "sigma_hat")
 
@@ -136,7 +115,7 @@ class StepLog:
 
     @property
     def records(self):
-        """One dict per callback, tensors as lists (read after the run: one host copy each)."""
+        """One dict per callback, tensors as lists (one host copy each, after the run)."""
         for raw in self._raw[len(self._records):]:
             self._records.append({"pass": 0, **{k: v.cpu().tolist() if torch.is_tensor(v) else v
                                                 for k, v in raw.items()}})
@@ -144,8 +123,7 @@ class StepLog:
 
     @classmethod
     def join(cls, logs):
-        """The logs of runs over consecutive parts of a batch as one log: record k holds each run's
-        record k side by side (a run that stopped sooner repeats its last record); calls add up."""
+        """Logs of runs over consecutive parts of a batch as one (a shorter run repeats its last record)."""
         joined, logs = cls(), [log for log in logs if log.records]
         for k in range(max((len(log.records) for log in logs), default=0)):
             record = {}

@@ -1,48 +1,34 @@
-"""Exact inversion of ComfyUI's euler / ddim and dpmpp_2m samplers by backward Euler, and the
-naive baseline. Hong, Shin, Choi, Jeon & Cho (CVPR 2024), "On Exact Inversion of DPM-Solvers".
-
-Inversions take ASCENDING sigmas (least noisy first, usually 0.0) and walk them upwards. All
-maths goes through D and sigma, so EPS, V_PREDICTION and flow (CONST, sigma_max may be exactly
-1.0) share one path; nothing divides by (1 - sigma). Tolerances are RMS per latent element.
-"""
+"""Exact inversion by backward Euler (Hong et al., CVPR 2024, "On Exact Inversion of DPM-Solvers") and naive
+inversion, over ASCENDING sigmas, through D and sigma only (EPS, V_PREDICTION and flow alike)."""
 import torch
 
 from .common import SIGMA_FLOOR, CountedModel, check_sigmas, euler_step, naive_step, report, sigma_batch, work_dtype
 from .solvers import solve, solve_anderson, solve_forward_step
 
 # Defaults and policy, read by the nodes.
-TOLERANCE = 1e-4        # RMS per element of Step(x) - x_known; float32 reaches 1e-6 on the tiny models
-MAX_ITERATIONS = 100    # per step; Anderson needs 5-22 at euler (bench/results/exact.json)
-SOLVER = "anderson"     # 0.30x the model calls of the paper's fixed point at euler 50 steps, cfg 5
-# dpmpp_2m: refine passes after the paper's single pass; they stop once a pass moves the states by
-# less than the tolerance. Each pass shrinks the change about 2x on the tiny models, so 4 passes
-# leave -25..-40 dB regeneration errors that 20 remove.
-REFINE_PASSES = 20
+TOLERANCE = 1e-4        # RMS per element of Step(x) - x_known: see docs/results.md#tolerance
+MAX_ITERATIONS = 100    # per step: see docs/results.md#max-iterations
+SOLVER = "anderson"     # fewer model calls than the paper's fixed point: see docs/results.md#solver
+REFINE_PASSES = 20      # dpmpp_2m passes after the paper's, until states settle: see docs/results.md#refine-passes
 SUBSTEPS = 10           # fine naive sub-steps per interval for the paper's estimate of old_denoised
-# A run that will not converge must not run away (a 20-step dpmpp_2m inversion at cfg 7 on the tiny SD1.5
-# layout took 13 minutes): once a run has made this many model calls per step, its solves and refine
-# passes stop and it returns the best iterates found. In bench/results/exact.json euler took 3-24 calls per
-# step and dpmpp_2m's refine passes up to 196, still gaining (at 100 per step, 10 steps, cfg 3 they ended
-# 32 dB short), so the budget sits just above that.
+# a run that will not converge stops here with its best iterates: see docs/results.md#max-model-calls-per-step
 MAX_MODEL_CALLS_PER_STEP = 200
 
 
 def _call_limit(max_model_calls, steps):
-    """The model calls a run may make: max_model_calls, by default MAX_MODEL_CALLS_PER_STEP per step; 0 = no limit."""
+    """Model calls a run may make (default MAX_MODEL_CALLS_PER_STEP per step; 0 = no limit)."""
     return MAX_MODEL_CALLS_PER_STEP * steps if max_model_calls is None else max_model_calls
 
 
 def _budget(model, max_model_calls, steps):
-    """`out_of_budget()` for the solvers: True once `model` has made `_call_limit` calls; None without a limit."""
+    """`out_of_budget()` for the solvers, True once `model` made `_call_limit` calls; None without a limit."""
     limit = _call_limit(max_model_calls, steps)
     return (lambda: model.calls >= limit) if limit else None
 
 
 def dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma_next):
-    """One step of ComfyUI's `sample_dpmpp_2m` (Lu et al. 2022), with its exact arithmetic.
-
-    First-order when old_denoised is None (first step) or sigma_next == 0 (last step).
-    """
+    """One step of ComfyUI's `sample_dpmpp_2m` (Lu et al. 2022), its exact arithmetic; first order without
+    old_denoised or at sigma_next == 0."""
     t, t_next = sigma.log().neg(), sigma_next.log().neg()
     h = t_next - t
     ratio = t_next.neg().exp() / t.neg().exp()
@@ -55,8 +41,7 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma_next):
 
 @torch.no_grad()
 def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """Naive DDIM / Euler inversion: explicit Euler up the ascending sigmas, exactly what ComfyUI's
-    FlipSigmas (a leading 0 becomes 1e-4) + SamplerCustom(euler) computes."""
+    """Naive DDIM / Euler inversion: what ComfyUI's FlipSigmas + SamplerCustom(euler) computes."""
     sigmas = check_sigmas(sigmas).to(x.device).clone()
     if sigmas[0] == 0:
         sigmas[0] = SIGMA_FLOOR
@@ -70,21 +55,17 @@ def naive_inversion(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 @torch.no_grad()
 def naive_inversion_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, guided_and_uncond=None):
-    """Naive inversion of ComfyUI's CFG++ samplers (Chung et al. 2024), in the form dpmpp_2m_cfg_pp,
-    res_multistep_cfg_pp and gradient_estimation_cfg_pp step every model with. Their euler step from
-    sigma_up down to sigma, x = D_c + sigma * eps_u, denoises with the guided prediction and renoises with
-    the unconditional one (eps = (x_up - D) / sigma_up), so its inverse does the opposite:
-    x_up = x + sigma_up * eps_c - sigma * eps_u, with both predictions taken at the known x labelled
-    sigma_up, as naive_step takes D (nothing divides by sigma, which may be 0). Labelled sigma, as
-    FlipSigmas + euler labels D, it regenerated 10-step flow cells of the analytic mixture at -78 dB
-    where this reached -134 dB. guided_and_uncond(model, x, sigma_batch, extra_args) -> (D_c, D_u)."""
+    """Naive inversion of ComfyUI's CFG++ samplers (Chung et al. 2024): their step x = D_c + sigma * eps_u
+    undone, x_up = x + sigma_up * eps_c - sigma * eps_u, both taken at x labelled sigma_up (see
+    docs/results.md#cfg-pp-label). guided_and_uncond(model, x, sigma_batch, extra_args) -> (D_c, D_u)."""
     if guided_and_uncond is None:
         raise ValueError("guided_and_uncond: naive_inversion_cfg_pp needs the unconditional prediction")
     sigmas = check_sigmas(sigmas).to(x.device)
     model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
     for i in range(len(sigmas) - 1):
         sigma, sigma_up = sigmas[i], sigmas[i + 1]
-        guided, uncond = (d.to(x.dtype) for d in guided_and_uncond(model, x, sigma_batch(sigma_up, x), extra_args or {}))
+        predictions = guided_and_uncond(model, x, sigma_batch(sigma_up, x), extra_args or {})
+        guided, uncond = (d.to(x.dtype) for d in predictions)
         x = x + (x - guided) - (x - uncond) * (sigma / sigma_up)
         report(callback, i=i, x=x, sigma=sigma_up, denoised=guided, model_calls=model.calls)
     return x
@@ -92,8 +73,7 @@ def naive_inversion_cfg_pp(model, x, sigmas, extra_args=None, callback=None, dis
 
 def _backward_euler(model, x, sigmas, extra_args, callback, step, solver, tolerance, max_iterations,
                     max_model_calls, solver_options):
-    """The per-step loop of every single-step inversion: for each step sigma_known -> sigma, solve
-    step(model, x_s, sigma, sigma_known) = x_known for x_s, starting from the naive guess."""
+    """Per step sigma_known -> sigma: solve step(model, x_s, sigma, sigma_known) = x_known from the naive guess."""
     sigmas = check_sigmas(sigmas).to(x.device)
     model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
     options = {**solver_options, "out_of_budget": _budget(model, max_model_calls, len(sigmas) - 1)}
@@ -112,11 +92,8 @@ def _backward_euler(model, x, sigmas, extra_args, callback, step, solver, tolera
 @torch.no_grad()
 def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=SOLVER,
                           tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, max_model_calls=None, **solver_options):
-    """Exact inversion of ComfyUI's euler / ddim by backward Euler (Hong et al. 2024, Algorithm 1).
-
-    Per step sigma_known -> sigma: solve euler_step(x_s, D(x_s, sigma), sigma, sigma_known) = x_known
-    for x_s from the naive guess. solver: 'fixed_point' (the paper's forward steps) or 'anderson'.
-    """
+    """Exact inversion of euler / ddim by backward Euler (Hong et al. 2024, Algorithm 1): per step, solve
+    euler_step(x_s, D(x_s, sigma), sigma, sigma_known) = x_known; solver 'fixed_point' (the paper's) or 'anderson'."""
     def euler(counted, x_s, sigma, sigma_known):
         return euler_step(x_s, counted(x_s, sigma).to(x_s.dtype), sigma, sigma_known)
     return _backward_euler(model, x, sigmas, extra_args, callback, euler, solver, tolerance, max_iterations,
@@ -127,13 +104,8 @@ def exact_inversion_euler(model, x, sigmas, extra_args=None, callback=None, disa
 def exact_inversion_one_step(model, x, sigmas, extra_args=None, callback=None, disable=None, step=None,
                              solver=SOLVER, tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, max_model_calls=None,
                              **solver_options):
-    """Backward Euler around a sampler whose step from sigma to sigma_next depends on those two alone
-    (euler, heun, dpm_2): `step(model, x, sigmas, extra_args)` runs the sampler's own code over the
-    two-sigma schedule [sigma, sigma_next], so "exact" means exact for the very code that regenerates.
-
-    Per step sigma_known -> sigma: solve step(x_s, [sigma, sigma_known]) = x_known for x_s from the
-    naive guess, as `exact_inversion_euler` does for euler's closed form.
-    """
+    """Backward Euler around a one-step sampler (euler, heun, dpm_2), solving step(x_s, [sigma, sigma_known])
+    = x_known with `step(model, x, sigmas, extra_args)` the sampler's own code over two sigmas."""
     if step is None:
         raise ValueError("step: exact_inversion_one_step needs the sampler's one-step function")
 
@@ -153,9 +125,8 @@ def _fine_naive_path(model, x, sigma_points):
 
 
 def _dpmpp_2m_pass(model, x, sigmas, previous, pass_index, options, callback):
-    """One upward pass: solve every step of dpmpp_2m for the noisier state, with old_denoised held
-    fixed at D(previous state two levels up) or, in the first pass, at the paper's fine naive
-    estimate of it. Returns the states at every sigma (ascending), x first."""
+    """One upward pass solving each dpmpp_2m step, old_denoised held at D(previous pass's state two levels up)
+    or, in pass 0, at the paper's fine naive estimate. Returns the states at every sigma, x first."""
     n, substeps = len(sigmas) - 1, options["substeps"]
     states = [x]
     for i in range(n):
@@ -192,17 +163,9 @@ def _dpmpp_2m_pass(model, x, sigmas, previous, pass_index, options, callback):
 def exact_inversion_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, solver=SOLVER,
                              tolerance=TOLERANCE, max_iterations=MAX_ITERATIONS, substeps=SUBSTEPS,
                              refine_passes=REFINE_PASSES, refine="anderson", max_model_calls=None, **solver_options):
-    """Exact inversion of ComfyUI's dpmpp_2m by backward Euler with the high-order term held fixed
-    (Hong et al. 2024, Algorithm 2), then refined.
-
-    An interior step needs old_denoised = D(x_prev, sigma_prev) at the next, still unknown, noisier
-    state. Pass 0 (the paper's method) estimates x_prev by a fine naive inversion (`substeps`
-    log-spaced sub-steps per interval) and solves the rest as `exact_inversion_euler` does. Refine
-    passes (our addition) re-solve every step with old_denoised from the previous pass's states;
-    their fixed point inverts the sampler exactly. refine='plain' iterates the passes,
-    'anderson' mixes them; they stop once the states move less than `tolerance` (RMS), or once the run
-    has made max_model_calls model calls (see `_budget`). The callback dict carries `pass`.
-    """
+    """Exact inversion of dpmpp_2m by backward Euler with the high-order term held (Hong et al. 2024,
+    Algorithm 2), then refine passes (ours) that re-solve each step with old_denoised from the previous
+    pass, plainly iterated or Anderson-mixed, until the states move less than `tolerance`."""
     sigmas = check_sigmas(sigmas).to(x.device)
     model, x = CountedModel(model, extra_args), x.to(work_dtype(x))
     out_of_budget = _budget(model, max_model_calls, len(sigmas) - 1)

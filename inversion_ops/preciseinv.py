@@ -1,31 +1,17 @@
-"""PreciseInv (Zuo et al., NeurIPS 2025): per-step learned-noise inversion of a DDIM / Euler sampler.
-
-Sigmas are ascending (the sampling schedule flipped). For each step t -> s (t < s) the latent x_s
-is learned so that ONE sampler step `euler_step(x_s, D(x_s, s), s, t)` reproduces the already
-inverted x_t: gradient descent on the per-element loss mean((Step(x_s) - x_t)^2), started from the
-naive step, until the loss's root (the residual RMS) is below `tolerance` or `max_iterations` is
-reached. The paper's threshold eta on the loss is tolerance**2 here (eta 1e-5 -> tolerance 3.2e-3).
-
-Learning x_s is learning the paper's noise eps_s = (x_s - a_s*x0) / s up to the factor s, so `lr`
-is in noise units: the latent moves by about lr * s per element (first step of a run). Step sizes
-are Barzilai-Borwein by default (on the analytic model, 12 EPS / flow, cfg 1 / 3, 2-10 step cases
-at eta 1e-5: about 3x fewer model calls and 12 dB better reconstruction than Adam at the same lr).
-Gradient descent on a squared residual can stall with a non-zero residual (cfg 3 on the analytic
-model): the callback's `hit_cap` says so.
-
-Gradients go to the latent only (torch.autograd.grad on a leaf of our own); model weights that are
-inference tensors cannot be used (autograd must save them for the input gradient).
+"""PreciseInv (Zuo et al., NeurIPS 2025): per step t -> s (ascending sigmas), learn x_s so that ONE Euler / DDIM
+step reproduces x_t, by gradient descent on mean((Step(x_s) - x_t)^2); `tolerance` is the root of the paper's eta.
 """
 import math
 
 import torch
 
 from .common import append_dims, check_sigmas, naive_step, report, select, sigma_batch, to_d, work_dtype
+from .solvers import SampleTracker, adam_step
 
 # Defaults and policy, read by the nodes.
 TOLERANCES = {"precise (1e-5)": math.sqrt(1e-5), "fast (1e-2)": math.sqrt(1e-2)}   # the paper's eta presets
 MAX_ITERATIONS = 200
-LR = 0.2
+LR = 0.2                # noise units: see docs/results.md#lr
 OPTIMIZERS = ("bb", "adam")
 
 
@@ -42,8 +28,7 @@ def _step_loss(model, x_s, x_t, sigma_s, sigma_t, extra_args):
 
 
 def _bb_update(x, grad, state, mask, lr_s):
-    """Barzilai-Borwein (BB1) gradient steps on the samples in `mask`; the first step after a
-    (re)start moves the latent by RMS lr_s."""
+    """Barzilai-Borwein (BB1) steps on the samples in `mask`; a (re)start's first step moves the latent by lr_s."""
     g_rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-30)
     ds, dg = x - state["x_prev"], grad - state["g_prev"]
     sy, ss = (ds * dg).flatten(1).sum(1), ds.flatten(1).pow(2).sum(1)
@@ -55,72 +40,59 @@ def _bb_update(x, grad, state, mask, lr_s):
     return select(mask, x - append_dims(alpha, grad) * grad, x)
 
 
-def _adam_update(x, grad, state, mask, lr_s, betas=(0.9, 0.999)):
-    """Adam (Kingma & Ba) on the samples in `mask`; lr_s is the per-element step in latent units."""
+def _adam_update(x, grad, state, mask, lr_s):
+    """Adam on the samples in `mask`; lr_s is the per-element step in latent units."""
     n = state["n"] + mask.to(state["n"].dtype)
-    m = select(mask, betas[0] * state["m"] + (1 - betas[0]) * grad, state["m"])
-    v = select(mask, betas[1] * state["v"] + (1 - betas[1]) * grad * grad, state["v"])
-    state.update(n=n, m=m, v=v)
-    n = n.clamp_min(1)
-    m_hat, v_hat = m / append_dims(1 - betas[0] ** n, grad), v / append_dims(1 - betas[1] ** n, grad)
-    return select(mask, x - append_dims(lr_s, grad) * m_hat / (v_hat.sqrt() + 1e-12), x)
+    t, lr = append_dims(n.clamp_min(1), grad), append_dims(lr_s, grad)
+    stepped, m, v = adam_step(x, grad, state["m"], state["v"], t, lr, eps=1e-12)
+    state.update(n=n, m=select(mask, m, state["m"]), v=select(mask, v, state["v"]))
+    return select(mask, stepped, x)
+
+
+_UPDATES = {"bb": _bb_update, "adam": _adam_update}
+
+
+def _fresh_state(x):
+    zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    return {"n": zeros, "alpha": zeros, "m": torch.zeros_like(x), "v": torch.zeros_like(x),
+            "x_prev": torch.zeros_like(x), "g_prev": torch.zeros_like(x)}
 
 
 def preciseinv_step(model, x_t, sigma_t, sigma_s, extra_args, tolerance, max_iterations, lr, optimizer,
                     patience, decay, counts):
-    """Learn x_s (sigma_s > sigma_t) so that one Euler / DDIM step s -> t reproduces x_t, per sample.
-
-    Start from the naive step; a sample whose best residual has not improved for `patience`
-    iterations, or whose loss is not finite, restarts from its best latent with lr * decay; it stops
-    below `tolerance` or after max_iterations gradient steps. Every model call takes the whole batch
-    (conditioning may differ per row); finished rows are simply not updated.
-    Returns (best x_s, residual RMS, iterations, hit_cap), the last three per sample.
-    """
-    update = {"bb": _bb_update, "adam": _adam_update}[optimizer]
-    b, dev, dt = x_t.shape[0], x_t.device, x_t.dtype
+    """Learn x_s (sigma_s > sigma_t) so that one Euler / DDIM step s -> t reproduces x_t, per sample, from
+    the naive step. A sample that stalls `patience` iterations, or whose loss is not finite, restarts from
+    its best latent with lr * decay. Returns (best x_s, residual RMS, iterations, hit_cap)."""
     x = naive_step(model, x_t, sigma_t, sigma_s, extra_args).detach()
     counts.forward += 1
-    best_x, best_rms = x.clone(), torch.full((b,), math.inf, dtype=dt, device=dev)
-    lr_s = torch.full((b,), lr * sigma_s, dtype=dt, device=dev)
-    stale, iterations = (torch.zeros(b, dtype=torch.long, device=dev) for _ in range(2))
-    active = torch.ones(b, dtype=torch.bool, device=dev)
-    zeros = torch.zeros(b, dtype=dt, device=dev)
-    state = {"n": zeros, "alpha": zeros, "m": torch.zeros_like(x), "v": torch.zeros_like(x),
-             "x_prev": torch.zeros_like(x), "g_prev": torch.zeros_like(x)}
+    track, state = SampleTracker(x.clone()), _fresh_state(x)
+    lr_s = torch.full_like(track.best_residual, lr * sigma_s)
     for it in range(max_iterations + 1):
         leaf = x.detach().requires_grad_(True)
         loss = _step_loss(model, leaf, x_t, sigma_s, sigma_t, extra_args)
         counts.forward += 1
         rms = loss.detach().sqrt()
-        finite = torch.isfinite(rms)
-        improved = active & finite & (rms < best_rms)
-        best_rms, best_x = torch.where(improved, rms, best_rms), select(improved, leaf.detach(), best_x)
-        stale = torch.where(improved, 0, stale + active.long())
-        active = active & ~((best_rms < tolerance) | ~torch.isfinite(best_rms) | (it == max_iterations))
+        track.update(leaf.detach(), rms, track.active)
+        best = track.best_residual
+        active = track.keep(~((best < tolerance) | ~torch.isfinite(best) | (it == max_iterations)))
         if not bool(active.any()):   # the one host sync per iteration
             break
-        restart = active & ((stale >= patience) | ~finite)
+        restart = active & ((track.stale >= patience) | ~torch.isfinite(rms))
         step = active & ~restart
         (grad,) = torch.autograd.grad(torch.where(step, loss, 0).sum(), leaf)
         counts.backward += 1
-        x = update(leaf.detach(), grad, state, step, lr_s)
+        x = _UPDATES[optimizer](leaf.detach(), grad, state, step, lr_s)
         # restarts: back to the best latent, a smaller first step, fresh optimiser state
-        x, lr_s = select(restart, best_x, x), torch.where(restart, lr_s * decay, lr_s)
-        stale = torch.where(restart, 0, stale)
+        x, lr_s = select(restart, track.best_x, x), torch.where(restart, lr_s * decay, lr_s)
+        track.stale = torch.where(restart, 0, track.stale)
         state = {k: select(restart, torch.zeros_like(v), v) for k, v in state.items()}
-        iterations += active.long()
-    return best_x.detach(), best_rms, iterations, best_rms >= tolerance
+    return track.best_x.detach(), track.best_residual, track.iterations, track.best_residual >= tolerance
 
 
 def preciseinv(model, x, sigmas, extra_args=None, callback=None, disable=None, tolerance=TOLERANCES["precise (1e-5)"],
                max_iterations=MAX_ITERATIONS, lr=LR, optimizer="bb", patience=20, decay=0.5):
-    """Implements Algorithm 1 (PreciseInv) of Zuo et al. (2025) for ComfyUI's Euler / DDIM sampler.
-
-    x: the clean latent at sigmas[0]; sigmas ascending (flow may end at exactly 1). tolerance: per
-    step, on the RMS per element of Step(x_s) - x_t. Returns x_T, detached, float32 (float64 stays).
-    Safe under torch.inference_mode() with inference-tensor inputs. The callback dict carries
-    `model_calls` (forward passes) and `model_calls_backward`.
-    """
+    """Algorithm 1 (PreciseInv) of Zuo et al. (2025) for Euler / DDIM. `lr` is in noise units (the latent moves
+    about lr * sigma); `optimizer` 'bb' (see docs/results.md#optimizer) or 'adam'. Gradients go to the latent only."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     sigmas = check_sigmas(sigmas).detach().cpu().double().tolist()   # plain floats: one host copy

@@ -1,17 +1,6 @@
-"""Tree-Ring watermarks (Wen, Kirchenbauer, Geiping, Goldstein, NeurIPS 2023), "rings" pattern.
-
-A key seed gives `radius` real values; ring i (the frequencies at distance i-1 < |k| <= i from zero in the
-centred 2-D FFT of one latent channel, the zero frequency in ring 1) is set to value i in the initial noise.
-Detection inverts an image back to its noise and compares those Fourier coefficients with the key.
-
-Conventions:
-- FFTs are orthonormal (`norm="ortho"`), so a unit Gaussian latent has unit-variance complex coefficients
-  (real and imaginary parts each variance 1/2, the zero frequency real with variance 1), whatever the size.
-- The circle is centred on the zero frequency and kept inside the Nyquist rows (radius < min(H, W) / 2),
-  so the region holds each frequency with its conjugate; the key is real, so the pattern is Hermitian and
-  the watermarked noise is real with nothing lost to taking the real part.
-- The test uses the independent half of the region: each conjugate pair once (real and imaginary part)
-  and the zero frequency (real), scaled to unit variance under the null: `d` numbers z.
+"""Tree-Ring watermarks (Wen et al., NeurIPS 2023), "rings" pattern: ring i of one latent channel's centred,
+orthonormal 2-D FFT is set to key value i in the initial noise; detection inverts to the noise and tests the
+circle's independent Fourier components (each conjugate pair once, and the zero frequency) against the key.
 """
 import math
 
@@ -36,8 +25,7 @@ def check_ring_fits(shape, channel, radius, name="latent"):
 
 
 def ring_key(key_seed, radius):
-    """The key: one real value per ring, drawn on the CPU (identical on every machine) from N(0, 1/2),
-    the law of the real part of a unit Gaussian latent's orthonormal Fourier coefficient."""
+    """The key: one real value per ring from N(0, 1/2) (a unit latent's Fourier real part), drawn on the CPU."""
     g = torch.Generator().manual_seed(int(key_seed))
     return torch.randn(radius, generator=g, dtype=torch.float64) * math.sqrt(0.5)  # cpu: one key on every machine
 
@@ -58,8 +46,7 @@ def _spectrum(channel_latent):
 
 
 def embed_rings(noise, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
-    """Gaussian noise (B, C, H, W) with the key's rings written into `channel` of every sample (one key per
-    batch); the rest of the spectrum and the other channels are untouched. Returns a new tensor."""
+    """A copy of noise (B, C, H, W) with the key's rings written into `channel` of every sample."""
     check_ring_fits(noise.shape, channel, radius, "noise")
     ring = ring_index(noise.shape[-2], noise.shape[-1], radius, noise.device)
     spectrum = _spectrum(noise[:, channel])
@@ -73,8 +60,7 @@ def embed_rings(noise, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
 
 
 def _half_region(ring):
-    """Boolean masks (fftshift layout) of one frequency of each conjugate pair in the circle, and of the zero
-    frequency."""
+    """Masks (fftshift layout) of one frequency per conjugate pair in the circle, and of the zero frequency."""
     height, width = ring.shape
     ky = torch.arange(height, device=ring.device)[:, None] - height // 2
     kx = torch.arange(width, device=ring.device)[None, :] - width // 2
@@ -85,8 +71,8 @@ def _half_region(ring):
 
 
 def ring_coefficients(latent, channel, radius):
-    """(z, kappa_pattern_index): z (B, d) float64 on the CPU, the region's independent Fourier components of
-    `channel`, unit variance for a unit Gaussian latent; and the same layout of the key (d,) for any key."""
+    """(z, rings): the circle's independent Fourier components (B, d), float64 on the CPU, unit variance for
+    unit noise, and the ring of each."""
     ring = ring_index(latent.shape[-2], latent.shape[-1], radius, latent.device)
     half, zero = _half_region(ring)
     spectrum = _spectrum(latent[:, channel])
@@ -109,21 +95,10 @@ def ring_distance(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
 
 
 def detect(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
-    """Tree-Ring detection on inverted noise (B, C, H, W), in the sampler's unit-noise scale. Per sample
-    (float64 CPU tensors of shape (B,)):
-      distance        the paper's L1 distance to the key over the circle;
-      statistic       the paper's test statistic ||z - kappa||^2 / s^2, s^2 the variance estimated from the
-                      region's own coefficients (null: noncentral chi-squared, d degrees of freedom);
-      p_value         that statistic's exact p-value conditional on the region's energy ||z|| (the sufficient
-                      statistic for the unknown variance): see `conditional_p_value`;
-      p_value_plugin  the noncentral chi-squared CDF with s^2 plugged in, as the paper computes it (on the
-                      independent components): conservative, 0.05-0.2% false positives at a nominal 1% on
-                      clean 8x8 to 64x64 noise (4000 draws each), as s^2 comes from the numbers it scales.
-    The null is Gaussian noise. Rings keys have only `radius` values, so noise carrying ANOTHER key's rings
-    correlates with this key far more than Gaussian noise does: 32-42% of random wrong keys give p < 1% on
-    exactly recovered watermarked noise (radius 3 to 10, 300 pairs each). The p-value tells watermarked
-    from clean, not one key from another.
-    """
+    """Tree-Ring detection on inverted noise (B, C, H, W), per sample: the paper's L1 `distance` and
+    `statistic` ||z - kappa||^2 / s^2, `p_value` exact given ||z|| (`conditional_p_value`), and the paper's
+    plug-in `p_value_plugin` (conservative: see docs/results.md#p-value-plugin). The null is Gaussian noise,
+    so it tells watermarked from clean, not one key from another (see docs/results.md#wrong-keys)."""
     check_ring_fits(latent.shape, channel, radius)
     z, (pair_rings, dc_ring) = ring_coefficients(latent, channel, radius)
     key = ring_key(key_seed, radius)
@@ -147,18 +122,14 @@ def detect(latent, key_seed=KEY_SEED, channel=CHANNEL, radius=RADIUS):
 
 
 def conditional_p_value(correlation, d):
-    """P(statistic <= observed | ||z||) under the null z ~ N(0, s^2 I_d), any s.
-
-    Given ||z||, the statistic d ||z - kappa||^2 / ||z||^2 falls as <z, kappa> rises, and z / ||z|| is uniform
-    on the sphere, so the p-value is P(C >= c) for C the cosine between a uniform direction and kappa:
-    (1 + C) / 2 ~ Beta((d - 1) / 2, (d - 1) / 2), i.e. I_{(1 - c) / 2}((d - 1) / 2, (d - 1) / 2)."""
+    """P(statistic <= observed | ||z||) under z ~ N(0, s^2 I_d): the cosine C of a uniform direction with kappa
+    has (1 + C) / 2 ~ Beta((d - 1) / 2, (d - 1) / 2), so it is I_{(1 - c) / 2}((d - 1) / 2, (d - 1) / 2)."""
     a = (d - 1) / 2.0
     return regularized_beta(a, a, (1.0 - correlation) / 2.0)
 
 
 def regularized_beta(a, b, x):
-    """I_x(a, b) in float64, by the continued fraction of the incomplete beta function (modified Lentz),
-    taken on the side where it converges fast; accurate in the small tail that p-values live in."""
+    """I_x(a, b) in float64 by the incomplete beta's continued fraction (modified Lentz), on its fast side."""
     if x <= 0.0:
         return 0.0
     if x >= 1.0:
@@ -188,8 +159,7 @@ def _beta_fraction(a, b, x, iterations=10000, eps=1e-15):
 
 
 def ncx2_cdf(x, df, nc):
-    """Noncentral chi-squared CDF in float64 on the CPU: the Poisson(nc / 2) mixture of central chi-squared
-    CDFs, sum_j Pois(j) P(df / 2 + j, x / 2), over the terms that carry the Poisson mass."""
+    """Noncentral chi-squared CDF in float64 on the CPU: sum_j Pois(j; nc / 2) P(df / 2 + j, x / 2)."""
     x = torch.as_tensor(x, dtype=torch.float64)   # cpu: small float64 series (Apple GPUs have no float64)
     if nc <= 0:
         return torch.special.gammainc(torch.tensor(df / 2.0, dtype=torch.float64, device="cpu"), x / 2)

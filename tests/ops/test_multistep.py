@@ -8,13 +8,16 @@ a regenerated latent within -90 dB of the input (latents of RMS ~1).
 import pytest
 import torch
 
-from inversion_ops import multistep
+from inversion_ops import exact, multistep
 from inversion_ops.common import StepLog
 from tests.ops.test_exact import make_case
 from tests.support.metrics import nmse_db
 from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
 
 torch.set_num_threads(1)
+# the runs the nodes give every sampler first: from the exact euler inversion, then from N(x)
+BASE_RUNS = (multistep.ShootingRun(exact.naive_inversion, exact.exact_inversion_euler),
+             multistep.ShootingRun(exact.naive_inversion, None))
 
 
 def regenerate(sample, model, start, sigmas):
@@ -28,7 +31,7 @@ def test_shooting_regenerates_the_latent_at_10_steps_cfg_5(parameterization, sam
     x0 = regenerate(sample, model, noise, sigmas)
     log = StepLog()
     found = multistep.exact_inversion_shooting(model, x0, sigmas.flip(0), callback=log, sample=sample,
-                                               tolerance=1e-8)
+                                               runs=BASE_RUNS, tolerance=1e-8)
     assert nmse_db(regenerate(sample, model, found, sigmas), x0).max() < -90
     # the naive start alone is far off: shooting did the work
     naive = multistep.naive_inversion(model, x0, sigmas.flip(0))
@@ -41,7 +44,7 @@ def test_shooting_returns_each_samples_best_iterate_and_reports_its_error():
     x0 = regenerate(sample_dpmpp_2m, model, noise, sigmas)
     log = StepLog()
     found = multistep.exact_inversion_shooting(model, x0, sigmas.flip(0), callback=log, sample=sample_dpmpp_2m,
-                                               max_iterations=3)
+                                               runs=BASE_RUNS, max_iterations=3)
     reported = torch.tensor(log.series("residual"))            # (iterations, batch)
     error = (regenerate(sample_dpmpp_2m, model, found, sigmas) - x0).pow(2).flatten(1).mean(1).sqrt()
     assert torch.allclose(error, reported.min(0).values.to(error.dtype), rtol=1e-6)
@@ -55,8 +58,8 @@ def test_shooting_stops_at_its_model_call_budget():
     def counting(x, sigma, **extra_args):
         calls.append(1)
         return model(x, sigma, **extra_args)
-    multistep.exact_inversion_shooting(counting, x0, sigmas.flip(0), sample=sample_dpmpp_2m, tolerance=1e-30,
-                                       max_iterations=1000, max_model_calls=100)
+    multistep.exact_inversion_shooting(counting, x0, sigmas.flip(0), sample=sample_dpmpp_2m, runs=BASE_RUNS,
+                                       tolerance=1e-30, max_iterations=1000, max_model_calls=100)
     # the budget is checked between solver iterations: past it, the euler start's remaining steps cost up to 2
     # calls each (10) and the shooting's first iteration, a sampling run and a naive inversion, 20; the second
     # run from N(x) does not start once the budget is spent
@@ -72,14 +75,16 @@ def test_shooting_hands_extra_args_to_the_sampler_and_the_model():
         return model(x, sigma)
     x0 = regenerate(sample_euler, model, noise, sigmas)
     multistep.exact_inversion_shooting(recording, x0, sigmas.flip(0), {"model_options": {"patch": 1}},
-                                       sample=sample_euler, max_iterations=2)
+                                       sample=sample_euler, runs=BASE_RUNS, max_iterations=2)
     assert seen and all(options == {"patch": 1} for options in seen)
 
 
-def test_shooting_needs_the_sampler_function():
+def test_shooting_needs_the_sampler_function_and_its_runs():
     model, sigmas, noise = make_case("eps", cfg=1.0, steps=2)
     with pytest.raises(ValueError, match="sample"):
         multistep.exact_inversion_shooting(model, noise, sigmas.flip(0))
+    with pytest.raises(ValueError, match="runs"):
+        multistep.exact_inversion_shooting(model, noise, sigmas.flip(0), sample=sample_euler)
     with pytest.raises(ValueError, match="runs"):
         multistep.exact_inversion_shooting(model, noise, sigmas.flip(0), sample=sample_euler, runs=("naive",))
 
