@@ -22,15 +22,9 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for p in (REPO, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-from bench.common import PeakMemory, markdown_table, result_path, write_results  # noqa: E402
-from bench.decoder_methods import reconstruction_psnr, run_method, time_to_reach  # noqa: E402
-from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE  # noqa: E402
+from bench.common import REPO, PeakMemory, markdown_table, result_path, write_results
+from bench.decoder_methods import reconstruction_psnr, run_method, time_to_reach
+from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE
 
 PHOTOS = ["photo_chelsea_256.jpg", "photo_coffee_256.jpg", "photo_china_256.jpg"]
 TRAINED = os.path.join(REPO, "models", "tiny_taesd_trained.safetensors")
@@ -67,11 +61,8 @@ def methods(max_iterations):
 
 
 def import_comfy():
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        sys.exit("COMFYUI_DIR is not set: run through `make bench` (it provisions ComfyUI)")
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
+    from tests.support.comfy_runtime import put_comfyui_on_path
+    put_comfyui_on_path()
     import comfy.cli_args
     comfy.cli_args.args.cpu = torch.cuda.is_available() is False
     import comfy.sd
@@ -185,9 +176,8 @@ def run_worker(cfg, tmp, flag="--worker"):
     cfg_path = os.path.join(tmp, "cfg.json")
     out_path = os.path.join(tmp, "out.json")
     json.dump(cfg, open(cfg_path, "w"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag, cfg_path, out_path],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.decoder", flag, cfg_path, out_path], cwd=REPO,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{cfg['model']} {cfg['label']} failed:\n{proc.stderr[-3000:]}")
     return json.load(open(out_path))

@@ -19,18 +19,14 @@ Writes bench/results/models.json, one grid PNG per model (real image, then sampl
 models_rf_edit.png (faithfulness against target hit rate).
 """
 import os
-import sys
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import markdown_table, result_path, write_results  # noqa: E402
-from tools.train_models import EVAL_CAPTIONS, load_emoji, psnr, vae_split  # noqa: E402
+from bench.common import markdown_table, result_path, write_results
+from tools.train_models import EVAL_CAPTIONS, load_emoji, psnr, vae_split
 
 SAMPLER, SCHEDULER, STEPS, CFG = "euler", "normal", 20, 5.0
 GENERATORS = {"eps_trained": "tiny_sd15_trained.safetensors", "flow_trained": "tiny_sd3_trained.safetensors",

@@ -16,7 +16,6 @@ beside bench/watermark.py's analytic model.
 Per cell: AUC, TPR at 1% FPR (threshold from the clean set), the clean set's rate at p < 1%, seconds and model calls
 per detection (the batch is inverted at once: calls are batched calls, each image takes part in every one).
 """
-import os
 import sys
 import tempfile
 import time
@@ -24,11 +23,8 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import markdown_table, publish  # noqa: E402
-from watermark import attack, roc  # noqa: E402
+from bench.common import markdown_table, publish
+from bench.watermark import attack, detection_stats
 
 CHECKPOINT, SCHEDULER, PROMPT, CFG = "tiny_sd3_trained.safetensors", "simple", "cat face", 5.0
 CHANNEL, RADIUS, KEY = 3, 5, 20231
@@ -97,13 +93,10 @@ def run(runtime, n, cells):
                 scores[kind] = result["correlation"]
                 if kind == "clean":
                     p_clean = result["p_value"]
-            auc, tpr, fpr_curve, tpr_curve = roc(scores["clean"], scores["marked"])
-            curves[(sampler_name, route, attack_name, method)] = (fpr_curve, tpr_curve)
+            stats, curves[(sampler_name, route, attack_name, method)] = detection_stats(scores, p_clean, seconds,
+                                                                                        calls, n, 3)
             rows.append(dict(sampler=sampler_name, steps=steps, route=route, attack=attack_name, method=method,
-                             auc=round(auc, 4), tpr_at_1fpr=round(tpr, 4),
-                             clean_fpr_at_p01=round(float((p_clean < 0.01).double().mean()), 4),
-                             seconds_per_detection=round(seconds / (2 * n), 3),
-                             model_calls_per_detection=round(calls / 2, 1), n_clean=n, n_marked=n))
+                             **stats))
             print(markdown_table(rows[-1:], COLUMNS, floatfmt="{:g}").splitlines()[-1], flush=True)
     return rows, curves
 

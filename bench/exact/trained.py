@@ -1,4 +1,4 @@
-"""`make bench SUITE=exact_trained [QUICK=1]`: exact vs naive inversion on the TRAINED tiny models
+"""The exact suite's trained part (`make bench SUITE=exact_trained [QUICK=1]`): exact vs naive inversion on the TRAINED tiny models
 (models/README.md), beside the analytic mixture in the same run.
 
 Parts:
@@ -17,7 +17,6 @@ Parts:
 regen_nmse_db = NMSE(Sample(inverted), latent) in the sampler's latent space. Writes
 bench/results/exact_trained.json and exact_trained.png (regen NMSE against cfg).
 """
-import os
 import sys
 import tempfile
 import time
@@ -25,17 +24,15 @@ from pathlib import Path
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import markdown_table, publish  # noqa: E402
-from exact_samplers import invert_cell, schedules  # noqa: E402
-from tests.support.analytic import AnalyticCFG  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench.common import markdown_table, publish
+from bench.exact.analytic import schedules
+from bench.exact.samplers import invert_cell
+from tests.support.analytic import AnalyticCFG
+from tests.support.metrics import nmse_db
 
 CHECKPOINTS = {"sd3_trained": ("tiny_sd3_trained.safetensors", "simple"),
                "sd15_trained": ("tiny_sd15_trained.safetensors", "karras")}
-IMAGE = Path(HERE).parent / "example_workflows" / "input" / "exact_inversion_cat_face.png"
+IMAGE = Path(__file__).resolve().parents[2] / "example_workflows" / "input" / "exact_inversion_cat_face.png"
 SAMPLERS = ("euler", "dpmpp_2m")
 FULL = dict(steps=10, cfgs=(1.0, 3.0, 5.0, 7.5, 9.0))
 QUICK = dict(steps=10, cfgs=(1.0, 5.0))
