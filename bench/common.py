@@ -63,6 +63,21 @@ def publish(name, rows, summary, quick, notes, draw, columns, shown=None):
     print("\nsummary:", summary)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=110, **layout):
+    """Lay out (tight_layout(**layout)), write and close a figure."""
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def find_row(rows, **match):
     """The first row whose fields equal `match`, or None."""
     hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import REPO, PeakMemory, markdown_table, result_path, write_results
+from bench.common import REPO, PeakMemory, markdown_table, pyplot, result_path, save_figure, write_results
 from bench.decoder_methods import reconstruction_psnr, run_method, time_to_reach
 from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE
 
@@ -238,9 +238,7 @@ def memory_at_1024(tmp_root=None):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -253,9 +251,7 @@ def plot(rows, path):
         ax.set_xscale("symlog", linthresh=0.1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 COLUMNS = ["model", "size", "label", "dtype", "nmse_z_db", "psnr_db", "true_latent_psnr_db", "seconds", "iterations",
@@ -312,10 +308,5 @@ def main(quick=False):
     return summary
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
-        memory_worker(sys.argv[2], sys.argv[3])
-    else:
-        main(os.environ.get("QUICK", "") not in ("", "0"))
+if __name__ == "__main__":   # run_worker's processes (the suite runs from bench/run.py)
+    {"--worker": worker, "--memory-worker": memory_worker}[sys.argv[1]](sys.argv[2], sys.argv[3])

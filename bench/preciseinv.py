@@ -37,8 +37,8 @@ import time
 import torch
 
 from bench import preciseinv_analytic
-from bench.common import (REPO, PeakMemory, conditioning, ddim_inversion, machine, markdown_table, result_path,
-                          write_results)
+from bench.common import (REPO, PeakMemory, conditioning, ddim_inversion, machine, markdown_table, pyplot,
+                          result_path, save_figure, write_results)
 from inversion_ops.common import StepLog
 from inversion_ops.exact import exact_inversion_euler
 from tests.support import metrics
@@ -277,9 +277,7 @@ def summarise(rows):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = [r for r in rows if "method" in r]
     rows = [r for r in rows if "cfg" in r]   # the memory rows have no curve
     panels = sorted({(r["model"], r["cfg"]) for r in rows})
@@ -304,9 +302,7 @@ def plot(rows, path):
     for row in axes:
         row[0].set_ylabel("reconstruction NMSE (dB)")
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 MEMORY_LATENT = 32   # latent side for the memory rows: 256 px images for the tiny SD1.5 layout
@@ -451,7 +447,7 @@ def main(quick: bool = False):
 
 
 def memory_only(quick):
-    """`python bench/preciseinv.py --memory-only [--quick]`: the memory rows and their summary key alone,
+    """`python -m bench.preciseinv --memory-only [--quick]`: the memory rows and their summary key alone,
     written into the existing result file; the rows carry the commit and date they were measured at."""
     path = result_path("preciseinv", "json", quick)
     with open(path) as f:
@@ -469,10 +465,8 @@ def memory_only(quick):
           f"wrote {path}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # memory_rows' worker processes, and --memory-only (the suite runs from bench/run.py)
     if len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
         memory_worker(sys.argv[2], sys.argv[3])
     elif "--memory-only" in sys.argv:
         memory_only(quick="--quick" in sys.argv)
-    else:
-        main(quick="--quick" in sys.argv)

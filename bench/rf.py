@@ -16,14 +16,13 @@ Parts (rows carry "part" and "model"):
 Writes bench/results/rf.json (or rf.quick.json) and rf.png (distance to the reference vs eta).
 """
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
 from bench import common, rf_analytic
-from bench.common import markdown_table, result_path, write_results
+from bench.common import markdown_table, pyplot, result_path, save_figure, write_results
 from inversion_ops.rf import controlled_forward, controlled_reverse
 from tests.support.analytic import GaussianMixtureDenoiser
 from tests.support.metrics import nmse_db
@@ -237,9 +236,7 @@ def overhead_rows(name, model, family, pack, side, steps, repeats):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     eta = [r for r in rows if r["part"] == "eta"]
     for model in dict.fromkeys(r["model"] for r in eta):
@@ -260,8 +257,7 @@ def plot(rows, path):
     ax2.axhline(1.0, color="gray", lw=0.5)
     ax2.set(xlabel="gamma", ylabel="std of the inverted noise", title="Forward: atypical inputs vs gamma")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _analytic_part(quick):
@@ -392,7 +388,3 @@ def print_tables(rows, summary):
     for k, v in summary.items():
         if not isinstance(v, dict):
             print(f"- {k}: {v}")
-
-
-if __name__ == "__main__":
-    main("--quick" in sys.argv)

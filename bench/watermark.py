@@ -20,14 +20,13 @@ the clean set's false-positive rate at the nominal p < 1%, seconds and model cal
 Also the wrong-key rate: exact noise of images watermarked with other random keys, detected with this key.
 """
 import io
-import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from bench.common import find_row, karras_sigmas, markdown_table, publish
+from bench.common import find_row, karras_sigmas, markdown_table, publish, pyplot, save_figure
 from inversion_ops import exact, multistep, watermark
 from inversion_ops.common import StepLog
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser
@@ -95,11 +94,12 @@ def roc(clean, marked):
     return auc, tpr, fpr_curve, tpr_curve
 
 
-def detection_stats(scores, p_clean, seconds, calls, n, seconds_digits):
-    """One cell's row fields from the clean and marked scores, and its ROC curve (fpr, tpr)."""
-    auc, tpr, fpr_curve, tpr_curve = roc(scores["clean"], scores["marked"])
+def detection_stats(detections, seconds, calls, n, seconds_digits):
+    """One cell's row fields from watermark.detect's results on the clean and marked sets, and its ROC curve
+    (fpr, tpr)."""
+    auc, tpr, fpr_curve, tpr_curve = roc(detections["clean"]["correlation"], detections["marked"]["correlation"])
     return dict(auc=round(auc, 4), tpr_at_1fpr=round(tpr, 4),
-                clean_fpr_at_p01=round(float((p_clean < 0.01).double().mean()), 4),
+                clean_fpr_at_p01=round(float((detections["clean"]["p_value"] < 0.01).double().mean()), 4),
                 seconds_per_detection=round(seconds / (2 * n), seconds_digits),
                 model_calls_per_detection=round(calls / 2, 1), n_clean=n, n_marked=n), (fpr_curve, tpr_curve)
 
@@ -125,18 +125,15 @@ def run(quick):
             rng = np.random.default_rng(1)   # the same crops / noise for both sets
             attacked = {kind: from_pixels(vae, attack(to_pixels(vae, z), name, rng)) for kind, z in latents.items()}
             for method, (invert, options) in inverters(sampler).items():
-                scores, p_clean, calls, seconds = {}, None, 0, 0.0
+                detections, calls, seconds = {}, 0, 0.0
                 for kind, z in attacked.items():
                     log = StepLog()
                     start = time.perf_counter()
                     noise = invert(detect_with, z, sigmas.flip(0), callback=log, **options) / sigmas[0]
-                    result = watermark.detect(noise, KEY, CHANNEL, RADIUS)
+                    detections[kind] = watermark.detect(noise, KEY, CHANNEL, RADIUS)
                     seconds += time.perf_counter() - start
                     calls += log.model_calls
-                    scores[kind] = result["correlation"]
-                    if kind == "clean":
-                        p_clean = result["p_value"]
-                stats, curves[(sampler, method, name)] = detection_stats(scores, p_clean, seconds, calls, n, 4)
+                stats, curves[(sampler, method, name)] = detection_stats(detections, seconds, calls, n, 4)
                 rows.append(dict(sampler=sampler, steps=steps, method=method, attack=name, **stats))
                 print(markdown_table(rows[-1:], COLUMNS, floatfmt="{:g}").splitlines()[-1], flush=True)
     return rows, curves, n
@@ -151,9 +148,7 @@ def wrong_key_rate(pairs):
 
 
 def plot(curves, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     attacks = sorted({a for _, _, a in curves}, key=ATTACKS.index)
     fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.6), squeeze=False)
     styles = {"naive": "--", "exact": "-"}
@@ -171,9 +166,7 @@ def plot(curves, path):
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Tree-Ring detection ROC, analytic Gaussian-mixture model + LinearVAE (not a trained diffusion model)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(quick=False):
@@ -200,7 +193,3 @@ def main(quick=False):
              f"generation cfg {CFG}. Summary keys on dpmpp_2m 10 steps. CPU, 1 thread, float64.")
     publish("watermark", rows, summary, quick, notes, lambda path: plot(curves, path), COLUMNS)
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

@@ -16,14 +16,13 @@ beside bench/watermark.py's analytic model.
 Per cell: AUC, TPR at 1% FPR (threshold from the clean set), the clean set's rate at p < 1%, seconds and model calls
 per detection (the batch is inverted at once: calls are batched calls, each image takes part in every one).
 """
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from bench.common import markdown_table, publish
+from bench.common import markdown_table, publish, pyplot, save_figure
 from bench.watermark import attack, detection_stats
 
 CHECKPOINT, SCHEDULER, PROMPT, CFG = "tiny_sd3_trained.safetensors", "simple", "cat face", 5.0
@@ -79,7 +78,7 @@ def run(runtime, n, cells):
             encoded[kind] = vae.encode(image) if route == "vae_encode" else decoder_nodes.invert_image(vae, image)[0]
             encode_seconds += time.perf_counter() - start
         for method in ("naive", "exact"):
-            scores, p_clean, calls, seconds = {}, None, 0, encode_seconds
+            detections, calls, seconds = {}, 0, encode_seconds
             for kind, z in encoded.items():
                 log = StepLog()
                 start = time.perf_counter()
@@ -87,14 +86,11 @@ def run(runtime, n, cells):
                     inverted = sampling.invert_whole_latent(
                         model, empty, empty, 1.0, {"samples": z},
                         exact_nodes.inversion_sampler(sampler_name, method, log=log), sigmas.flip(0))["samples"]
-                result = watermark.detect(wm_nodes.unit_noise(model, inverted, sigmas[0]), KEY, CHANNEL, RADIUS)
+                detections[kind] = watermark.detect(wm_nodes.unit_noise(model, inverted, sigmas[0]), KEY, CHANNEL,
+                                                    RADIUS)
                 seconds += time.perf_counter() - start
                 calls += log.model_calls
-                scores[kind] = result["correlation"]
-                if kind == "clean":
-                    p_clean = result["p_value"]
-            stats, curves[(sampler_name, route, attack_name, method)] = detection_stats(scores, p_clean, seconds,
-                                                                                        calls, n, 3)
+            stats, curves[(sampler_name, route, attack_name, method)] = detection_stats(detections, seconds, calls, n, 3)
             rows.append(dict(sampler=sampler_name, steps=steps, route=route, attack=attack_name, method=method,
                              **stats))
             print(markdown_table(rows[-1:], COLUMNS, floatfmt="{:g}").splitlines()[-1], flush=True)
@@ -102,9 +98,7 @@ def run(runtime, n, cells):
 
 
 def plot(curves, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = sorted({(s, r, a) for s, r, a, _ in curves})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.5), squeeze=False)
     for ax, (sampler, route, attack_name) in zip(axes.flat, panels):
@@ -120,9 +114,7 @@ def plot(curves, path):
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Tree-Ring detection ROC on the trained tiny SD3-layout model (cfg {CFG:g} generation, empty prompt "
                  "cfg 1 detection)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def summarize(rows, seconds):
@@ -149,7 +141,3 @@ def main(quick=False):
              f"prompt cfg 1; rings channel {CHANNEL}, radius {RADIUS}. See the module docstring.")
     publish("watermark_trained", rows, summary, quick, notes, lambda path: plot(curves, path), COLUMNS)
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

@@ -22,13 +22,12 @@ Methods:
 At high cfg several noises give (nearly) the same image, so regen_nmse_db is the test of exactness.
 Writes bench/results/exact.json (or exact.quick.json) and exact.png (noise NMSE against cfg).
 """
-import sys
 import tempfile
 import time
 
 import torch
 
-from bench.common import conditioning, find_row, markdown_table, publish
+from bench.common import conditioning, find_row, markdown_table, publish, pyplot, save_figure
 from bench.exact import analytic
 from inversion_ops import exact
 from inversion_ops.common import StepLog
@@ -154,9 +153,7 @@ def summarize(rows, quick):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = sorted({(r["part"], r["model"], r["sampler"], r["steps"]) for r in rows},
                     key=lambda p: (p[0], p[1], p[2], p[3]))
     cols = 4
@@ -186,9 +183,7 @@ def plot(rows, path):
             handles, labels = h, lab
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("Exact vs naive inversion: noise NMSE (solid) and regenerated-latent NMSE (dashed) against cfg")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0.06, 1, 0.97))
 
 
 def main(quick=False):
@@ -204,7 +199,3 @@ def main(quick=False):
                                           for m, g in (QUICK_GRID if quick else FULL_GRID).items()}))
     publish("exact", rows, summary, quick, notes, lambda path: plot(rows, path), COLUMNS)
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

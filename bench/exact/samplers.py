@@ -10,13 +10,12 @@ Rows: regen and noise NMSE in dB (worst of the 2 samples), model calls per step,
 bench/results/exact_samplers.json and a heat map of the regenerated-latent NMSE (sampler x cfg).
 """
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-from bench.common import publish
+from bench.common import publish, pyplot
 from bench.exact.analytic import schedules
 from inversion_ops import exact
 from inversion_ops.common import StepLog
@@ -103,9 +102,7 @@ def summarize(rows):
 
 
 def heat_map(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 6), squeeze=False)
     for ax, model in zip(axes.flat, models):
@@ -135,7 +132,3 @@ def main(quick=False):
     publish("exact_samplers", rows, summary, quick, notes, lambda path: heat_map(rows, path), COLUMNS,
             shown=[r for r in rows if r["method"] != "naive"])
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
