@@ -21,8 +21,9 @@ test-matrix:
 demo:
 	@set -e; $(PROVISION); "$$COMFY_PYTHON" tools/demo.py
 
+# SUITE: a suite (all its parts), <suite>.<part>, a part's result name, or all (bench/run.py).
 bench:
-	@set -e; $(PROVISION); QUICK=$(QUICK) "$$COMFY_PYTHON" bench/run.py $(SUITE)
+	@set -e; $(PROVISION); QUICK=$(QUICK) "$$COMFY_PYTHON" -m bench $(SUITE)
 
 # The captioned emoji image set for training the tiny models, extracted into the cache (tools/emoji_dataset.py).
 dataset:

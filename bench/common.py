@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: the machine record, result files and markdown tables."""
+"""What every suite shares: the machine record, result files and tables, the noise schedules, random
+conditioning and the DDIM baseline. Error measures come from tests/support/metrics.py (nmse_db, psnr_db)."""
 import json
 import os
 import platform
@@ -7,7 +8,8 @@ import time
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
 
 
 def machine():
@@ -61,9 +63,64 @@ def publish(name, rows, summary, quick, notes, draw, columns, shown=None):
     print("\nsummary:", summary)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=110, **layout):
+    """Lay out (tight_layout(**layout)), write and close a figure."""
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def find_row(rows, **match):
+    """The first row whose fields equal `match`, or None."""
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return hits[0] if hits else None
+
+
 def result_path(name, ext, quick):
     os.makedirs(RESULTS, exist_ok=True)
     return os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.{ext}")
+
+
+def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
+    """ComfyUI's karras schedule for an SD1.5-like EPS model, descending, ending at 0 (float64)."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def flow_sigmas(steps, shift=3.0, dtype=torch.float64, ascending=False):
+    """SD3-style shifted flow schedule from exactly 1.0 to 0 (or 0 to 1: linspace's rounding depends on the
+    direction, so each suite keeps the one its results were measured with)."""
+    t = torch.linspace(0, 1, steps + 1, dtype=dtype) if ascending else torch.linspace(1, 0, steps + 1, dtype=dtype)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sd15_simple_sigmas(steps):
+    """ComfyUI's 'simple' scheduler on SD1.5's scaled-linear schedule, descending, ending at 0 (float64)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    stride = len(sigmas) / steps
+    return torch.tensor([float(sigmas[-(1 + int(i * stride))]) for i in range(steps)] + [0.0], dtype=torch.float64)
+
+
+def conditioning(width, pooled, seed, batch=1, tokens=8, scale=1.0, pooled_first=True):
+    """Seeded random ComfyUI conditioning [[cond (batch, tokens, width), {"pooled_output": (batch, pooled)}]]
+    (no pooled output where pooled is 0). pooled_first: the order the two are drawn from the generator
+    (the rf suite and tools/sampler_table.py draw cond first; their recorded results depend on it)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"cond": (batch, tokens, width), "pooled_output": (batch, pooled)}
+    order = ("pooled_output", "cond") if pooled_first else ("cond", "pooled_output")
+    drawn = {name: scale * torch.randn(shapes[name], generator=g) for name in order if pooled or name == "cond"}
+    return [[drawn.pop("cond"), drawn]]
 
 
 def ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):

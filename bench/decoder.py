@@ -22,15 +22,9 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for p in (REPO, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-from bench.common import PeakMemory, markdown_table, result_path, write_results  # noqa: E402
-from bench.decoder_methods import reconstruction_psnr, run_method, time_to_reach  # noqa: E402
-from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE  # noqa: E402
+from bench.common import REPO, PeakMemory, markdown_table, pyplot, result_path, save_figure, write_results
+from bench.decoder_methods import reconstruction_psnr, run_method, time_to_reach
+from inversion_ops.decoder import DEFAULT_STEP, MOMENTUM, STEP_OPTION, TOLERANCE
 
 PHOTOS = ["photo_chelsea_256.jpg", "photo_coffee_256.jpg", "photo_china_256.jpg"]
 TRAINED = os.path.join(REPO, "models", "tiny_taesd_trained.safetensors")
@@ -67,11 +61,8 @@ def methods(max_iterations):
 
 
 def import_comfy():
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        sys.exit("COMFYUI_DIR is not set: run through `make bench` (it provisions ComfyUI)")
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
+    from tests.support.comfy_runtime import put_comfyui_on_path
+    put_comfyui_on_path()
     import comfy.cli_args
     comfy.cli_args.args.cpu = torch.cuda.is_available() is False
     import comfy.sd
@@ -185,9 +176,8 @@ def run_worker(cfg, tmp, flag="--worker"):
     cfg_path = os.path.join(tmp, "cfg.json")
     out_path = os.path.join(tmp, "out.json")
     json.dump(cfg, open(cfg_path, "w"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag, cfg_path, out_path],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.decoder", flag, cfg_path, out_path], cwd=REPO,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{cfg['model']} {cfg['label']} failed:\n{proc.stderr[-3000:]}")
     return json.load(open(out_path))
@@ -248,9 +238,7 @@ def memory_at_1024(tmp_root=None):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -263,9 +251,7 @@ def plot(rows, path):
         ax.set_xscale("symlog", linthresh=0.1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 COLUMNS = ["model", "size", "label", "dtype", "nmse_z_db", "psnr_db", "true_latent_psnr_db", "seconds", "iterations",
@@ -322,10 +308,5 @@ def main(quick=False):
     return summary
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
-        memory_worker(sys.argv[2], sys.argv[3])
-    else:
-        main(os.environ.get("QUICK", "") not in ("", "0"))
+if __name__ == "__main__":   # run_worker's processes (the suite runs from bench/run.py)
+    {"--worker": worker, "--memory-worker": memory_worker}[sys.argv[1]](sys.argv[2], sys.argv[3])

@@ -18,19 +18,14 @@
 Writes bench/results/models.json, one grid PNG per model (real image, then samples, per caption) and
 models_rf_edit.png (faithfulness against target hit rate).
 """
-import os
-import sys
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import markdown_table, result_path, write_results  # noqa: E402
-from tools.train_models import EVAL_CAPTIONS, load_emoji, psnr, vae_split  # noqa: E402
+from bench.common import markdown_table, pyplot, result_path, save_figure, write_results
+from tools.train_models import EVAL_CAPTIONS, load_emoji, psnr, vae_split
 
 SAMPLER, SCHEDULER, STEPS, CFG = "euler", "normal", 20, 5.0
 GENERATORS = {"eps_trained": "tiny_sd15_trained.safetensors", "flow_trained": "tiny_sd3_trained.safetensors",
@@ -182,9 +177,7 @@ def rf_edit_rows(runtime, nodes, classifier, real128, quick):
 
 
 def plot_rf_edit(rows, summary, quick):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for cfg, marker in ((1.0, "o"), (3.0, "s")):
         sel = [r for r in rows if r["cfg"] == cfg]
@@ -199,8 +192,7 @@ def plot_rf_edit(rows, summary, quick):
     ax.set_ylabel("classifier probability of the target caption")
     ax.set_title("RF-Inversion Edit on the trained tiny SD3-layout model (colour: stop)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(result_path("models_rf_edit", "png", quick), dpi=90)
+    save_figure(fig, result_path("models_rf_edit", "png", quick), dpi=90)
 
 
 def generate_all(nodes, classifier, real128, per_caption, rows, summary, quick):
@@ -290,7 +282,3 @@ def main(quick):
              f"the trained models, {max(2, per_caption // 2)} for the random ones")
     print(markdown_table([dict(key=k, value=v) for k, v in summary.items()], ["key", "value"]))
     return write_results("models", rows, summary, quick, notes)
-
-
-if __name__ == "__main__":
-    main(os.environ.get("QUICK", "") not in ("", "0"))

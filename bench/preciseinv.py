@@ -36,15 +36,12 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-import preciseinv_analytic  # noqa: E402
-from common import PeakMemory, machine, markdown_table, result_path, write_results  # noqa: E402
-from inversion_ops.common import StepLog  # noqa: E402
-from inversion_ops.exact import exact_inversion_euler  # noqa: E402
-from common import ddim_inversion  # noqa: E402
+from bench import preciseinv_analytic
+from bench.common import (REPO, PeakMemory, conditioning, ddim_inversion, machine, markdown_table, pyplot,
+                          result_path, save_figure, write_results)
+from inversion_ops.common import StepLog
+from inversion_ops.exact import exact_inversion_euler
+from tests.support import metrics
 
 COLUMNS = ("model", "cfg", "steps", "method", "recon_nmse_db", "psnr_db", "psnr_vs_vae_db", "model_calls_forward",
            "model_calls_backward", "seconds", "steps_at_cap")
@@ -76,28 +73,21 @@ MODELS = {   # x0: "generated" = the model's own 20-step euler output; "photo" =
 }
 
 
-def conditioning(width, pooled, seed, batch):
-    g = torch.Generator().manual_seed(seed)
-    extra = {"pooled_output": torch.randn(batch, pooled, generator=g)} if pooled else {}
-    return [[torch.randn(batch, 8, width, generator=g), extra]]
-
-
 def photos(n):
     """n of the repository's held-out 64 px test photos (BHWC, [0, 1])."""
     from PIL import Image
     names = ("photo_chelsea_64.png", "photo_coffee_64.png", "photo_china_64.png")[:n]
-    data = os.path.join(os.path.dirname(HERE), "tests", "data")
+    data = os.path.join(REPO, "tests", "data")
     return torch.stack([torch.tensor(list(Image.open(os.path.join(data, name)).convert("RGB").getdata()),
                                      dtype=torch.float32).reshape(64, 64, 3) / 255 for name in names])
 
 
 def psnr_db(a, b):
-    return (10 * torch.log10(1 / (a.float() - b.float()).pow(2).flatten(1).mean(1))).mean().item()
+    return metrics.psnr_db(a, b).mean().item()
 
 
 def nmse_db(x, ref):
-    err = (x - ref).double().flatten(1).pow(2).sum(1) / ref.double().flatten(1).pow(2).sum(1)
-    return (10 * torch.log10(err)).mean().item()
+    return metrics.nmse_db(x.double(), ref.double()).mean().item()
 
 
 @functools.lru_cache(maxsize=None)   # the whole set is read from disk to pick them: once per n
@@ -287,9 +277,7 @@ def summarise(rows):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = [r for r in rows if "method" in r]
     rows = [r for r in rows if "cfg" in r]   # the memory rows have no curve
     panels = sorted({(r["model"], r["cfg"]) for r in rows})
@@ -314,9 +302,7 @@ def plot(rows, path):
     for row in axes:
         row[0].set_ylabel("reconstruction NMSE (dB)")
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 MEMORY_LATENT = 32   # latent side for the memory rows: 256 px images for the tiny SD1.5 layout
@@ -379,10 +365,9 @@ def memory_rows():
     with tempfile.TemporaryDirectory() as tmp:
         for method, allocator in runs:
             out = os.path.join(tmp, "worker.json")
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]),
-                   **(MMAP_THRESHOLD if allocator != "default" else {})}
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-worker", method, out], check=True,
-                           env=env)
+            env = {**os.environ, **(MMAP_THRESHOLD if allocator != "default" else {})}
+            subprocess.run([sys.executable, "-m", "bench.preciseinv", "--memory-worker", method, out], check=True,
+                           env=env, cwd=REPO)
             r = json.load(open(out))
             rows.append(dict(part="memory", model=MODELS["sd15"]["label"], size_px=8 * MEMORY_LATENT,
                              allocator=allocator, **r))
@@ -462,7 +447,7 @@ def main(quick: bool = False):
 
 
 def memory_only(quick):
-    """`python bench/preciseinv.py --memory-only [--quick]`: the memory rows and their summary key alone,
+    """`python -m bench.preciseinv --memory-only [--quick]`: the memory rows and their summary key alone,
     written into the existing result file; the rows carry the commit and date they were measured at."""
     path = result_path("preciseinv", "json", quick)
     with open(path) as f:
@@ -480,10 +465,8 @@ def memory_only(quick):
           f"wrote {path}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # memory_rows' worker processes, and --memory-only (the suite runs from bench/run.py)
     if len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
         memory_worker(sys.argv[2], sys.argv[3])
     elif "--memory-only" in sys.argv:
         memory_only(quick="--quick" in sys.argv)
-    else:
-        main(quick="--quick" in sys.argv)

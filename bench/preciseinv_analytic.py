@@ -7,42 +7,27 @@ SD1.5 "simple" schedule (sigma_max 14.6), flow with a shift-3 schedule ending at
 CFG 3 mixes two mixtures with the same components and different weights (cfg_denoiser).
 Methods: naive (DDIM inversion as the paper's baseline, bench/common.ddim_inversion), PreciseInv at the paper's
 eta 1e-2 and 1e-5 (tolerance sqrt(eta) on the step residual's RMS), exact backward Euler (Anderson,
-tolerance sqrt(1e-5)). `python bench/preciseinv_analytic.py [--quick]` prints a markdown table.
+tolerance sqrt(1e-5)). `python -m bench.preciseinv_analytic [--quick]` prints a markdown table.
 """
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from inversion_ops.common import StepLog, euler_step  # noqa: E402
-from inversion_ops.exact import exact_inversion_euler  # noqa: E402
-from common import ddim_inversion  # noqa: E402
-from inversion_ops.preciseinv import preciseinv  # noqa: E402
-from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench.common import ddim_inversion, flow_sigmas, sd15_simple_sigmas
+from inversion_ops.common import StepLog, euler_step
+from inversion_ops.exact import exact_inversion_euler
+from inversion_ops.preciseinv import preciseinv
+from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser
+from tests.support.metrics import nmse_db
 
 COLUMNS = ("model", "steps", "cfg", "method", "recon_nmse_db", "model_calls_forward",
            "model_calls_backward", "seconds")
 EXACT_MAX_ITERATIONS = 500   # per step, the cap this bench's exact rows have always used
-
-
-def sd_simple_sigmas(steps):
-    """Ascending sigmas of ComfyUI's 'simple' scheduler on SD1.5's scaled-linear schedule, 0 first."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-    stride = len(sigmas) / steps
-    descending = [float(sigmas[-(1 + int(i * stride))]) for i in range(steps)] + [0.0]
-    return descending[::-1]
-
-
-def flow_sigmas(steps, shift=3.0):
-    """Ascending flow sigmas 0 -> 1 (exactly) with SD3-style time shift."""
-    t = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).tolist()
+SCHEDULES = {   # ascending, as python floats
+    "eps": lambda steps: sd15_simple_sigmas(steps).flip(0).tolist(),
+    "flow": lambda steps: flow_sigmas(steps, ascending=True).tolist(),
+}
 
 
 def sample_euler(denoise, x, sigmas_descending):
@@ -78,7 +63,7 @@ def methods():
 def run(quick: bool = False) -> list:
     shape, n = ((4, 4, 4), 2) if quick else ((4, 8, 8), 4)
     rows = []
-    for model_name, schedule in (("eps", sd_simple_sigmas), ("flow", flow_sigmas)):
+    for model_name, schedule in SCHEDULES.items():
         cond = GaussianMixtureDenoiser.random(shape, 3, seed=0, parameterization=model_name, weights=[0.6, 0.3, 0.1])
         uncond = GaussianMixtureDenoiser.random(shape, 3, seed=0, parameterization=model_name, weights=[0.2, 0.3, 0.5])
         x0 = cond.sample(n, torch.Generator().manual_seed(1)).float()

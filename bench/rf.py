@@ -15,22 +15,17 @@ Parts (rows carry "part" and "model"):
               latent, interleaved repeats, median, CPU time of this process
 Writes bench/results/rf.json (or rf.quick.json) and rf.png (distance to the reference vs eta).
 """
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-import rf_analytic  # noqa: E402
-from common import markdown_table, result_path, write_results  # noqa: E402
-from inversion_ops.rf import controlled_forward, controlled_reverse  # noqa: E402
-from tests.support.analytic import GaussianMixtureDenoiser  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench import common, rf_analytic
+from bench.common import markdown_table, pyplot, result_path, save_figure, write_results
+from inversion_ops.rf import controlled_forward, controlled_reverse
+from tests.support.analytic import GaussianMixtureDenoiser
+from tests.support.metrics import nmse_db
 
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -135,11 +130,9 @@ class ComfyBackend:
         return self.model.model.process_latent_in(x.clone())
 
 
-def conditioning(family, seed, scale=1.0, batch=1, tokens=8):
+def conditioning(family, seed, scale=1.0):
     width, pooled = {"sd3": (4096, 2048), "flux": (64, 32)}[family]
-    g = torch.Generator().manual_seed(seed)
-    return [[scale * torch.randn(batch, tokens, width, generator=g),
-             {"pooled_output": scale * torch.randn(batch, pooled, generator=g)}]]
+    return common.conditioning(width, pooled, seed, scale=scale, pooled_first=False)
 
 
 def gamma0_rows(b, n):
@@ -243,9 +236,7 @@ def overhead_rows(name, model, family, pack, side, steps, repeats):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     eta = [r for r in rows if r["part"] == "eta"]
     for model in dict.fromkeys(r["model"] for r in eta):
@@ -266,8 +257,7 @@ def plot(rows, path):
     ax2.axhline(1.0, color="gray", lw=0.5)
     ax2.set(xlabel="gamma", ylabel="std of the inverted noise", title="Forward: atypical inputs vs gamma")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _analytic_part(quick):
@@ -398,7 +388,3 @@ def print_tables(rows, summary):
     for k, v in summary.items():
         if not isinstance(v, dict):
             print(f"- {k}: {v}")
-
-
-if __name__ == "__main__":
-    main("--quick" in sys.argv)

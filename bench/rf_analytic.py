@@ -7,29 +7,26 @@ run(quick) -> list of row dicts, three parts:
              reconstruction (same model) with eta = 0 and with eta 0.9 on the first quarter
   eta        distance to the reference latent of the output of another mixture (the "edit
              prompt") over eta, controller on the first quarter of the steps or on all
-`python bench/rf_analytic.py [--quick]` prints one markdown table per part.
+`python -m bench.rf_analytic [--quick]` prints one markdown table per part.
 """
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from inversion_ops.common import SIGMA_FLOOR, CountedModel, StepLog, check_sigmas, to_d  # noqa: E402
-from inversion_ops.rf import controlled_forward, controlled_reverse  # noqa: E402
-from tests.support.analytic import GaussianMixtureDenoiser  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench.common import flow_sigmas
+from inversion_ops.common import SIGMA_FLOOR, CountedModel, StepLog, check_sigmas, to_d
+from inversion_ops.rf import controlled_forward, controlled_reverse
+from tests.support.analytic import GaussianMixtureDenoiser
+from tests.support.metrics import nmse_db
 
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def flow_schedule(steps, shift=1.0):
-    """Ascending flow sigmas 0 -> 1 (exactly), with SD3/Flux-style time shift."""
-    t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
-    return shift * t / (1 + (shift - 1) * t)
+    """Ascending float32 flow sigmas 0 -> 1 (exactly), with SD3/Flux-style time shift."""
+    return flow_sigmas(steps, shift, dtype=torch.float32, ascending=True)
 
 
 def plain_ode_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, sigma_floor=SIGMA_FLOOR):

@@ -1,31 +1,51 @@
-"""`make bench SUITE=<name|all> [QUICK=1]`: run benchmark suites, each writing bench/results/<name>.json
-(rows + summary + the machine it ran on), a .png plot and a markdown table on stdout.
+"""`make bench SUITE=<name>[,<name>...]|all [QUICK=1]`, or from the repository root with ComfyUI provisioned
+(`eval "$(bash tools/provision.sh)"`): `QUICK=1 $COMFY_PYTHON -m bench <name>`.
 
-A suite is a module bench/<name>.py with `main(quick: bool) -> dict`.
+A name is a suite (all its parts), a part as <suite>.<part>, or a part's result name. Each part is a module
+with `main(quick: bool) -> dict` that writes bench/results/<result name>.json (rows + summary + the machine it
+ran on; .quick.json for QUICK runs), a .png plot and a markdown table on stdout.
 """
 import importlib
 import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-SUITES = ["decoder", "exact", "exact_samplers", "exact_trained", "models", "preciseinv", "rf", "watermark",
-          "watermark_trained"]
+# suite -> {part: (module under bench/, result name)}; a suite of one part names it after itself
+SUITES = {
+    "decoder": {"decoder": ("decoder", "decoder")},
+    "exact": {"euler_dpmpp": ("exact.euler_dpmpp", "exact"), "samplers": ("exact.samplers", "exact_samplers"),
+              "trained": ("exact.trained", "exact_trained")},
+    "models": {"models": ("models", "models")},
+    "preciseinv": {"preciseinv": ("preciseinv", "preciseinv")},
+    "rf": {"rf": ("rf", "rf")},
+    "watermark": {"watermark": ("watermark", "watermark")},
+    "watermark_trained": {"watermark_trained": ("watermark_trained", "watermark_trained")},
+}
+
+
+def parts(name):
+    """The (module, result name) pairs a SUITE word names."""
+    if name in SUITES:
+        return list(SUITES[name].values())
+    suite, _, part = name.partition(".")
+    if part in SUITES.get(suite, {}):
+        return [SUITES[suite][part]]
+    return [p for suite_parts in SUITES.values() for p in suite_parts.values() if p[1] == name]
 
 
 def main(argv):
-    names = SUITES if not argv or argv[0] == "all" else argv[0].split(",")
-    unknown = [n for n in names if n not in SUITES]
-    if unknown:
-        sys.exit(f"unknown SUITE {unknown}: choose from {SUITES} or all")
+    names = list(SUITES) if not argv or argv[0] == "all" else argv[0].split(",")
+    chosen = [parts(n) for n in names]
+    if not all(chosen):
+        known = [f"{s}.{p}" for s, ps in SUITES.items() for p in ps if len(ps) > 1]
+        sys.exit(f"unknown SUITE {[n for n, c in zip(names, chosen) if not c]}: choose from {list(SUITES)}, "
+                 f"{known} or all")
     quick = os.environ.get("QUICK", "") not in ("", "0")
-    sys.path[:0] = [REPO, HERE]
-    for name in names:
+    for module, result in (p for c in chosen for p in c):
         start = time.time()
-        print(f"\n## bench {name}{' (quick)' if quick else ''}\n", flush=True)
-        importlib.import_module(name).main(quick)
-        print(f"\n{name}: {time.time() - start:.0f} s", flush=True)
+        print(f"\n## bench {result}{' (quick)' if quick else ''}\n", flush=True)
+        importlib.import_module(f"bench.{module}").main(quick)
+        print(f"\n{result}: {time.time() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

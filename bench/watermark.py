@@ -20,22 +20,17 @@ the clean set's false-positive rate at the nominal p < 1%, seconds and model cal
 Also the wrong-key rate: exact noise of images watermarked with other random keys, detected with this key.
 """
 import io
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import markdown_table, publish  # noqa: E402
-from inversion_ops import exact, multistep, watermark  # noqa: E402
-from inversion_ops.common import StepLog  # noqa: E402
-from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser  # noqa: E402
-from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler  # noqa: E402
+from bench.common import find_row, karras_sigmas, markdown_table, publish, pyplot, save_figure
+from inversion_ops import exact, multistep, watermark
+from inversion_ops.common import StepLog
+from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser
+from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
 
 SHAPE, CHANNEL, RADIUS, KEY, CFG = (4, 16, 16), 3, 5, 20231, 5.0
 PIXEL_SPREAD = 4.0
@@ -43,12 +38,6 @@ ATTACKS = ("none", "jpeg75", "crop75", "blur1", "noise005", "bright13")
 SAMPLERS = {"euler": 50, "dpmpp_2m": 10}
 COLUMNS = ("sampler", "steps", "method", "attack", "auc", "tpr_at_1fpr", "clean_fpr_at_p01", "seconds_per_detection",
            "model_calls_per_detection")
-
-
-def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, s.new_zeros(1)])
 
 
 def to_pixels(vae, z):
@@ -105,6 +94,16 @@ def roc(clean, marked):
     return auc, tpr, fpr_curve, tpr_curve
 
 
+def detection_stats(detections, seconds, calls, n, seconds_digits):
+    """One cell's row fields from watermark.detect's results on the clean and marked sets, and its ROC curve
+    (fpr, tpr)."""
+    auc, tpr, fpr_curve, tpr_curve = roc(detections["clean"]["correlation"], detections["marked"]["correlation"])
+    return dict(auc=round(auc, 4), tpr_at_1fpr=round(tpr, 4),
+                clean_fpr_at_p01=round(float((detections["clean"]["p_value"] < 0.01).double().mean()), 4),
+                seconds_per_detection=round(seconds / (2 * n), seconds_digits),
+                model_calls_per_detection=round(calls / 2, 1), n_clean=n, n_marked=n), (fpr_curve, tpr_curve)
+
+
 def run(quick):
     torch.set_num_threads(1)
     n = 50 if quick else 200
@@ -126,23 +125,16 @@ def run(quick):
             rng = np.random.default_rng(1)   # the same crops / noise for both sets
             attacked = {kind: from_pixels(vae, attack(to_pixels(vae, z), name, rng)) for kind, z in latents.items()}
             for method, (invert, options) in inverters(sampler).items():
-                scores, p_clean, calls, seconds = {}, None, 0, 0.0
+                detections, calls, seconds = {}, 0, 0.0
                 for kind, z in attacked.items():
                     log = StepLog()
                     start = time.perf_counter()
                     noise = invert(detect_with, z, sigmas.flip(0), callback=log, **options) / sigmas[0]
-                    result = watermark.detect(noise, KEY, CHANNEL, RADIUS)
+                    detections[kind] = watermark.detect(noise, KEY, CHANNEL, RADIUS)
                     seconds += time.perf_counter() - start
                     calls += log.model_calls
-                    scores[kind] = result["correlation"]
-                    if kind == "clean":
-                        p_clean = result["p_value"]
-                auc, tpr, fpr_curve, tpr_curve = roc(scores["clean"], scores["marked"])
-                curves[(sampler, method, name)] = (fpr_curve, tpr_curve)
-                rows.append(dict(sampler=sampler, steps=steps, method=method, attack=name, auc=round(auc, 4),
-                                 tpr_at_1fpr=round(tpr, 4), clean_fpr_at_p01=round(float((p_clean < 0.01).double().mean()), 4),
-                                 seconds_per_detection=round(seconds / (2 * n), 4),
-                                 model_calls_per_detection=round(calls / 2, 1), n_clean=n, n_marked=n))
+                stats, curves[(sampler, method, name)] = detection_stats(detections, seconds, calls, n, 4)
+                rows.append(dict(sampler=sampler, steps=steps, method=method, attack=name, **stats))
                 print(markdown_table(rows[-1:], COLUMNS, floatfmt="{:g}").splitlines()[-1], flush=True)
     return rows, curves, n
 
@@ -155,15 +147,8 @@ def wrong_key_rate(pairs):
     return float((watermark.detect(marked, KEY, CHANNEL, RADIUS)["p_value"] < 0.01).double().mean())
 
 
-def find(rows, **match):
-    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
-    return hits[0] if hits else None
-
-
 def plot(curves, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     attacks = sorted({a for _, _, a in curves}, key=ATTACKS.index)
     fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.6), squeeze=False)
     styles = {"naive": "--", "exact": "-"}
@@ -181,16 +166,14 @@ def plot(curves, path):
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Tree-Ring detection ROC, analytic Gaussian-mixture model + LinearVAE (not a trained diffusion model)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(quick=False):
     start = time.time()
     rows, curves, n = run(quick)
     case = dict(sampler="dpmpp_2m", steps=10)
-    get = lambda method, attack_name, key: (find(rows, **case, method=method, attack=attack_name) or {}).get(key)
+    get = lambda method, attack_name, key: (find_row(rows, **case, method=method, attack=attack_name) or {}).get(key)
     naive_tpr, exact_tpr = get("naive", "none", "tpr_at_1fpr"), get("exact", "none", "tpr_at_1fpr")
     summary = {
         "model": "analytic EPS Gaussian mixture 4x16x16 + LinearVAE 3x64x64 (no trained diffusion model), float64, CPU",
@@ -210,7 +193,3 @@ def main(quick=False):
              f"generation cfg {CFG}. Summary keys on dpmpp_2m 10 steps. CPU, 1 thread, float64.")
     publish("watermark", rows, summary, quick, notes, lambda path: plot(curves, path), COLUMNS)
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

@@ -16,19 +16,14 @@ beside bench/watermark.py's analytic model.
 Per cell: AUC, TPR at 1% FPR (threshold from the clean set), the clean set's rate at p < 1%, seconds and model calls
 per detection (the batch is inverted at once: calls are batched calls, each image takes part in every one).
 """
-import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import markdown_table, publish  # noqa: E402
-from watermark import attack, roc  # noqa: E402
+from bench.common import markdown_table, publish, pyplot, save_figure
+from bench.watermark import attack, detection_stats
 
 CHECKPOINT, SCHEDULER, PROMPT, CFG = "tiny_sd3_trained.safetensors", "simple", "cat face", 5.0
 CHANNEL, RADIUS, KEY = 3, 5, 20231
@@ -83,7 +78,7 @@ def run(runtime, n, cells):
             encoded[kind] = vae.encode(image) if route == "vae_encode" else decoder_nodes.invert_image(vae, image)[0]
             encode_seconds += time.perf_counter() - start
         for method in ("naive", "exact"):
-            scores, p_clean, calls, seconds = {}, None, 0, encode_seconds
+            detections, calls, seconds = {}, 0, encode_seconds
             for kind, z in encoded.items():
                 log = StepLog()
                 start = time.perf_counter()
@@ -91,27 +86,19 @@ def run(runtime, n, cells):
                     inverted = sampling.invert_whole_latent(
                         model, empty, empty, 1.0, {"samples": z},
                         exact_nodes.inversion_sampler(sampler_name, method, log=log), sigmas.flip(0))["samples"]
-                result = watermark.detect(wm_nodes.unit_noise(model, inverted, sigmas[0]), KEY, CHANNEL, RADIUS)
+                detections[kind] = watermark.detect(wm_nodes.unit_noise(model, inverted, sigmas[0]), KEY, CHANNEL,
+                                                    RADIUS)
                 seconds += time.perf_counter() - start
                 calls += log.model_calls
-                scores[kind] = result["correlation"]
-                if kind == "clean":
-                    p_clean = result["p_value"]
-            auc, tpr, fpr_curve, tpr_curve = roc(scores["clean"], scores["marked"])
-            curves[(sampler_name, route, attack_name, method)] = (fpr_curve, tpr_curve)
+            stats, curves[(sampler_name, route, attack_name, method)] = detection_stats(detections, seconds, calls, n, 3)
             rows.append(dict(sampler=sampler_name, steps=steps, route=route, attack=attack_name, method=method,
-                             auc=round(auc, 4), tpr_at_1fpr=round(tpr, 4),
-                             clean_fpr_at_p01=round(float((p_clean < 0.01).double().mean()), 4),
-                             seconds_per_detection=round(seconds / (2 * n), 3),
-                             model_calls_per_detection=round(calls / 2, 1), n_clean=n, n_marked=n))
+                             **stats))
             print(markdown_table(rows[-1:], COLUMNS, floatfmt="{:g}").splitlines()[-1], flush=True)
     return rows, curves
 
 
 def plot(curves, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = sorted({(s, r, a) for s, r, a, _ in curves})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.5), squeeze=False)
     for ax, (sampler, route, attack_name) in zip(axes.flat, panels):
@@ -127,9 +114,7 @@ def plot(curves, path):
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Tree-Ring detection ROC on the trained tiny SD3-layout model (cfg {CFG:g} generation, empty prompt "
                  "cfg 1 detection)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def summarize(rows, seconds):
@@ -156,7 +141,3 @@ def main(quick=False):
              f"prompt cfg 1; rings channel {CHANNEL}, radius {RADIUS}. See the module docstring.")
     publish("watermark_trained", rows, summary, quick, notes, lambda path: plot(curves, path), COLUMNS)
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

@@ -4,27 +4,19 @@ defaults. Generates x0 from seeded noise with ComfyUI's own sampler, inverts, re
 latent (Inverted Noise), and prints markdown rows: regenerated NMSE (dB) and model calls per step. Also
 dpmpp_2m on the tiny SD1.5 layout: the paper's algorithm against shooting.
 
-`$COMFY_PYTHON tools/sampler_table.py` after `eval "$(bash tools/provision.sh)"`.
+`$COMFY_PYTHON -m tools.sampler_table` from the repository root after `eval "$(bash tools/provision.sh)"`.
 """
-import math
-import os
-import sys
 import tempfile
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from tests.support.comfy_runtime import InProcessComfy  # noqa: E402
+from bench.common import conditioning
+from tests.support.comfy_runtime import InProcessComfy
+from tests.support.metrics import nmse_db
 
 SAMPLERS = ["euler", "ddim", "heun", "dpm_2", "heunpp2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "deis", "ipndm",
             "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep", "gradient_estimation", "euler_cfg_pp",
             "res_multistep_cfg_pp", "gradient_estimation_cfg_pp"]
-
-
-def conditioning(seed):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 8, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
 
 
 def main():
@@ -35,7 +27,7 @@ def main():
     sampling, exact_nodes = runtime.pack_module("nodes.sampling"), runtime.pack_module("nodes.exact")
     flow = runtime.nodes.UNETLoader().load_unet("tiny_sd3_flow.safetensors", "default")[0]
     models = {"flow": (flow, "simple"), "eps": (ModelSamplingDiscrete().patch(flow, "eps", False)[0], "karras")}
-    positive, negative = conditioning(1), conditioning(2)
+    positive, negative = (conditioning(4096, 2048, seed, pooled_first=False) for seed in (1, 2))
     cells = {}
     for kind, (model, scheduler) in models.items():
         for name in SAMPLERS:
@@ -53,8 +45,7 @@ def main():
                 inverted = out.result[0]
                 start = sampling.InvertedNoise(model, inverted["samples"]).generate_noise(inverted)
                 regen = sampling.run_sampler(model, positive, negative, 5.0, inverted, sampler, sigmas, noise=start)
-            error = float((regen["samples"] - image["samples"]).pow(2).sum() / image["samples"].pow(2).sum())
-            cells[kind, name] = (10 * math.log10(max(error, 1e-30)), out.ui["model_calls"][0] / 10)
+            cells[kind, name] = (float(nmse_db(regen["samples"], image["samples"])), out.ui["model_calls"][0] / 10)
             print(f"{kind} {name}: {cells[kind, name][0]:.1f} dB, {cells[kind, name][1]:.1f} calls/step", flush=True)
     print()
     paper_vs_shooting(runtime, sampling, exact_nodes)
@@ -73,7 +64,7 @@ def paper_vs_shooting(runtime, sampling, exact_nodes):
     import comfy.samplers
     model = runtime.nodes.UNETLoader().load_unet("tiny_sd15_eps.safetensors", "default")[0]
     common = runtime.pack_module("inversion_ops.common")
-    positive, negative = ([[torch.randn(1, 8, 768, generator=torch.Generator().manual_seed(s)), {}]] for s in (1, 2))
+    positive, negative = (conditioning(768, 0, seed) for seed in (1, 2))
     for key in ("dpmpp_2m_backward_euler", "dpmpp_2m"):
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 10).cpu()
         noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -84,8 +75,7 @@ def paper_vs_shooting(runtime, sampling, exact_nodes):
             inverted = sampling.invert_whole_latent(model, positive, negative, 5.0, image,
                                                     exact_nodes.inversion_sampler(key, log=log), sigmas.flip(0))
             regen = sampling.run_sampler(model, positive, negative, 5.0, inverted, sampler, sigmas)
-        error = float((regen["samples"] - image["samples"]).pow(2).sum() / image["samples"].pow(2).sum())
-        print(f"sd15 dpmpp_2m 10 steps cfg 5, {key}: {10 * math.log10(max(error, 1e-30)):.1f} dB, "
+        print(f"sd15 dpmpp_2m 10 steps cfg 5, {key}: {float(nmse_db(regen['samples'], image['samples'])):.1f} dB, "
               f"{log.model_calls / 10:.1f} calls/step", flush=True)
 
 

@@ -10,22 +10,21 @@ Two checks that the sampler itself is not the limit: how far a one-ulp change of
 output, and how many eigenvalues of the preconditioned Jacobian J_N J_S at the true noise lie outside the
 unit disc around 1 (where plain fixed-point iteration would diverge), by central differences in float64.
 
-`$COMFY_PYTHON tools/shooting_basins.py` after `eval "$(bash tools/provision.sh)"`.
+`$COMFY_PYTHON -m tools.shooting_basins` from the repository root after `eval "$(bash tools/provision.sh)"`.
 """
 import json
 import os
-import sys
 import tempfile
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
-from exact_samplers import comfy_model_sampling, schedules  # noqa: E402
-from inversion_ops import exact, multistep  # noqa: E402
-from tests.support.analytic import AnalyticCFG  # noqa: E402
-from tests.support.comfy_runtime import InProcessComfy  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench.common import RESULTS
+from bench.exact.analytic import schedules
+from bench.exact.samplers import comfy_model_sampling
+from inversion_ops import exact, multistep
+from tests.support.analytic import AnalyticCFG
+from tests.support.comfy_runtime import InProcessComfy
+from tests.support.metrics import nmse_db
 
 MISSED_ABOVE_DB = -10.0
 
@@ -68,7 +67,7 @@ def start_name(run):
 
 
 def main():
-    cells = json.load(open(os.path.join(REPO, "bench", "results", "exact_samplers.json")))["rows"]
+    cells = json.load(open(os.path.join(RESULTS, "exact_samplers.json")))["rows"]
     missed = [r for r in cells if r["method"] == "pack" and r["regen_nmse_db"] > MISSED_ABOVE_DB]
     runtime = InProcessComfy(tempfile.mkdtemp())
     torch.set_num_threads(1)

@@ -33,6 +33,14 @@ def comfyui_dir() -> Path:
     return Path(path)
 
 
+def put_comfyui_on_path() -> str:
+    """ComfyUI's tree first on sys.path, as its main.py sees it: its top-level `nodes` and `utils` shadow the pack's."""
+    comfy_dir = str(comfyui_dir())
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    return comfy_dir
+
+
 def device_args() -> list:
     """ComfyUI's device / precision flags: `--cpu` unless EI_COMFY_DEVICE=gpu (tools/gpu_check.py), plus
     EI_COMFY_ARGS (e.g. "--fp16-unet --fp16-vae"), so the same tests run on a GPU in 16 bit."""
@@ -127,9 +135,7 @@ class InProcessComfy:
 
     def __init__(self, base):
         self.base = prepare_base_dir(base)
-        comfy_dir = str(comfyui_dir())
-        if comfy_dir not in sys.path:
-            sys.path.insert(0, comfy_dir)
+        comfy_dir = put_comfyui_on_path()
         sys.argv = [os.path.join(comfy_dir, "main.py"), *device_args(), "--base-directory", str(self.base)]
         if "folder_paths" in sys.modules:
             raise RuntimeError("folder_paths was imported before InProcessComfy: its base directory is fixed")

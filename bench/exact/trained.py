@@ -1,5 +1,5 @@
-"""`make bench SUITE=exact_trained [QUICK=1]`: exact vs naive inversion on the TRAINED tiny models
-(models/README.md), beside the analytic mixture in the same run.
+"""The exact suite's trained part (`make bench SUITE=exact_trained [QUICK=1]`): exact vs naive inversion on
+the TRAINED tiny models (models/README.md), beside the analytic mixture in the same run.
 
 Parts:
   trained   ComfyUI in-process (CPU, float32, 2 threads, batch 1): tiny_sd15_trained (SD1.5-layout EPS
@@ -17,25 +17,21 @@ Parts:
 regen_nmse_db = NMSE(Sample(inverted), latent) in the sampler's latent space. Writes
 bench/results/exact_trained.json and exact_trained.png (regen NMSE against cfg).
 """
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import markdown_table, publish  # noqa: E402
-from exact_samplers import invert_cell, schedules  # noqa: E402
-from tests.support.analytic import AnalyticCFG  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench.common import markdown_table, publish, pyplot, save_figure
+from bench.exact.analytic import schedules
+from bench.exact.samplers import invert_cell
+from tests.support.analytic import AnalyticCFG
+from tests.support.metrics import nmse_db
 
 CHECKPOINTS = {"sd3_trained": ("tiny_sd3_trained.safetensors", "simple"),
                "sd15_trained": ("tiny_sd15_trained.safetensors", "karras")}
-IMAGE = Path(HERE).parent / "example_workflows" / "input" / "exact_inversion_cat_face.png"
+IMAGE = Path(__file__).resolve().parents[2] / "example_workflows" / "input" / "exact_inversion_cat_face.png"
 SAMPLERS = ("euler", "dpmpp_2m")
 FULL = dict(steps=10, cfgs=(1.0, 3.0, 5.0, 7.5, 9.0))
 QUICK = dict(steps=10, cfgs=(1.0, 5.0))
@@ -169,9 +165,7 @@ def summarize(rows, jacobians):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = sorted({(r["part"], r["model"], r["sampler"]) for r in rows})
     fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(3.6 * ((len(panels) + 1) // 2), 6.4), squeeze=False)
     for ax, (part, model, sampler) in zip(axes.flat, panels):
@@ -192,9 +186,7 @@ def plot(rows, path):
         ax.axis("off")
     fig.suptitle("Regenerated-latent NMSE after inversion, 10 steps: trained tiny models (CPU, fp32) "
                  "beside the analytic mixture", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(quick=False):
@@ -214,7 +206,3 @@ def main(quick=False):
              "of 4x8x8. regen_nmse_db is the worst sample's.")
     publish("exact_trained", rows, summary, quick, notes, lambda path: plot(rows, path), COLUMNS)
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

@@ -1,6 +1,6 @@
-"""`make bench SUITE=exact [QUICK=1]`: exact (backward Euler) vs naive inversion of ComfyUI's euler and
-dpmpp_2m, side by side on
-  (a) the analytic Gaussian mixture, EPS and flow (bench/exact_analytic.py: the truth is known), and
+"""The exact suite's first part (`make bench SUITE=exact.euler_dpmpp [QUICK=1]`): exact (backward Euler) vs
+naive inversion of ComfyUI's euler and dpmpp_2m, side by side on
+  (a) the analytic Gaussian mixture, EPS and flow (bench/exact/analytic.py: the truth is known), and
   (b) a real ComfyUI in-process (CPU, float32, 1 thread, batch 1, 64 px = 8x8 latents, random
       conditioning): the tiny SD1.5-layout EPS UNet, its v-prediction variant (ModelSamplingDiscrete)
       and the tiny SD3-layout flow MMDiT, all with random weights.
@@ -22,21 +22,16 @@ Methods:
 At high cfg several noises give (nearly) the same image, so regen_nmse_db is the test of exactness.
 Writes bench/results/exact.json (or exact.quick.json) and exact.png (noise NMSE against cfg).
 """
-import os
-import sys
 import tempfile
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-import exact_analytic  # noqa: E402
-from common import markdown_table, publish  # noqa: E402
-from inversion_ops import exact  # noqa: E402
-from inversion_ops.common import StepLog  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench.common import conditioning, find_row, markdown_table, publish, pyplot, save_figure
+from bench.exact import analytic
+from inversion_ops import exact
+from inversion_ops.common import StepLog
+from tests.support.metrics import nmse_db
 
 TOL = 1e-4
 MAX_ITERATIONS = 500
@@ -131,22 +126,11 @@ def comfy_rows(quick):
         return rows
 
 
-def conditioning(width, pooled, seed):
-    g = torch.Generator().manual_seed(seed)
-    extra = {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}
-    return [[torch.randn(1, 8, width, generator=g), extra]]
-
-
-def find(rows, **match):
-    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
-    return hits[0] if hits else None
-
-
 def summarize(rows, quick):
     case = dict(SUMMARY_CASE, steps=10) if quick else SUMMARY_CASE
-    naive, paper, fast = (find(rows, **case, method=m) for m in ("naive", "exact_fixed_point", "exact_anderson"))
+    naive, paper, fast = (find_row(rows, **case, method=m) for m in ("naive", "exact_fixed_point", "exact_anderson"))
     dpm = dict(case, sampler="dpmpp_2m", steps=10)
-    dpm_single, dpm_refined = find(rows, **dpm, method="exact_anderson"), find(rows, **dpm, method="exact_anderson_refined")
+    dpm_single, dpm_refined = find_row(rows, **dpm, method="exact_anderson"), find_row(rows, **dpm, method="exact_anderson_refined")
     get = lambda row, key: row[key] if row else None
     summary = {
         "case": case,
@@ -169,9 +153,7 @@ def summarize(rows, quick):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = sorted({(r["part"], r["model"], r["sampler"], r["steps"]) for r in rows},
                     key=lambda p: (p[0], p[1], p[2], p[3]))
     cols = 4
@@ -201,25 +183,19 @@ def plot(rows, path):
             handles, labels = h, lab
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("Exact vs naive inversion: noise NMSE (solid) and regenerated-latent NMSE (dashed) against cfg")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0.06, 1, 0.97))
 
 
 def main(quick=False):
     start = time.time()
-    rows = [dict(part="analytic", capped_steps="", **r) for r in exact_analytic.run(quick)]
+    rows = [dict(part="analytic", capped_steps="", **r) for r in analytic.run(quick)]
     print(f"analytic part: {time.time() - start:.0f} s", flush=True)
     rows += comfy_rows(quick)
     summary = summarize(rows, quick)
-    notes = ("(a) analytic Gaussian mixture, 2 samples of 4x8x8 (bench/exact_analytic.py); (b) tiny random-"
+    notes = ("(a) analytic Gaussian mixture, 2 samples of 4x8x8 (bench/exact/analytic.py); (b) tiny random-"
              "weight ComfyUI models in-process, batch 1, 8x8 latents (64 px), float32, CPU, 1 thread. "
              "Tolerance 1e-4 RMS per element. The paper's fixed point runs at cfg 5 only (up to 500 calls "
              "per step). Grid: " + repr({m: {f"{s} {n}": c for (s, n), c in g.items()}
                                           for m, g in (QUICK_GRID if quick else FULL_GRID).items()}))
     publish("exact", rows, summary, quick, notes, lambda path: plot(rows, path), COLUMNS)
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

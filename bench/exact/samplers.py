@@ -1,6 +1,7 @@
-"""Every deterministic ComfyUI sampler x steps x cfg on the closed-form Gaussian mixture (EPS and flow):
-naive inversion, the pack's inverter for that sampler, and for dpmpp_2m the paper's backward-Euler
-algorithm with refine passes (what the pack used before shooting).
+"""The exact suite's samplers part (`make bench SUITE=exact_samplers [QUICK=1]`): every deterministic ComfyUI
+sampler x steps x cfg on the closed-form Gaussian mixture (EPS and flow): naive inversion, the pack's
+inverter for that sampler, and for dpmpp_2m the paper's backward-Euler algorithm with refine passes (what
+the pack used before shooting).
 
 x0 is generated from known noise x_T by ComfyUI's own sampler function (comfy.samplers.sampler_object)
 on the analytic model (float32 latents, 2 samples of 4x8x8, float64 model maths), inverted at the pack's
@@ -8,23 +9,18 @@ default tolerance (1e-4 RMS of the regenerated latent) and budget, and regenerat
 Rows: regen and noise NMSE in dB (worst of the 2 samples), model calls per step, seconds. Writes
 bench/results/exact_samplers.json and a heat map of the regenerated-latent NMSE (sampler x cfg).
 """
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from common import publish  # noqa: E402
-from exact_analytic import flow_sigmas, karras_sigmas  # noqa: E402
-from inversion_ops import exact  # noqa: E402
-from inversion_ops.common import StepLog  # noqa: E402
-from tests.support.analytic import AnalyticCFG  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
+from bench.common import publish, pyplot
+from bench.exact.analytic import schedules
+from inversion_ops import exact
+from inversion_ops.common import StepLog
+from tests.support.analytic import AnalyticCFG
+from tests.support.metrics import nmse_db
 
 SAMPLERS = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "deis", "ipndm",
             "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep", "gradient_estimation", "euler_cfg_pp",
@@ -33,11 +29,6 @@ FULL = dict(steps=(10, 20, 30, 50), cfgs=(1.0, 3.0, 5.0, 7.5, 9.0))
 QUICK = dict(steps=(10,), cfgs=(1.0, 5.0))
 COLUMNS = ("model", "sampler", "steps", "cfg", "method", "regen_nmse_db", "noise_nmse_db", "calls_per_step",
            "seconds")
-
-
-def schedules(steps):
-    """The analytic benchmark's schedules (karras for EPS, shift-3 flow from 1.0), float32 as ComfyUI holds them."""
-    return {"eps": karras_sigmas(steps), "flow": flow_sigmas(steps)}
 
 
 def comfy_model_sampling(kind):
@@ -111,9 +102,7 @@ def summarize(rows):
 
 
 def heat_map(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 6), squeeze=False)
     for ax, model in zip(axes.flat, models):
@@ -143,7 +132,3 @@ def main(quick=False):
     publish("exact_samplers", rows, summary, quick, notes, lambda path: heat_map(rows, path), COLUMNS,
             shown=[r for r in rows if r["method"] != "naive"])
     return summary
-
-
-if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)

@@ -11,22 +11,20 @@ CFG mixes two mixtures with the same components and different weights (cfg_denoi
 Methods: naive (FlipSigmas + euler), exact_fixed_point (the paper's solver; for dpmpp_2m the
 paper's single pass), exact_anderson (Anderson mixing; dpmpp_2m: single pass), and for dpmpp_2m
 exact_anderson_refined (plus up to REFINE_PASSES Anderson-mixed refine passes). Solvers run with
-up to MAX_ITERATIONS iterations per step. `python bench/exact_analytic.py [--quick]` prints a
+up to MAX_ITERATIONS iterations per step. `python -m bench.exact.analytic [--quick]` prints a
 markdown table.
 """
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from inversion_ops import exact  # noqa: E402
-from inversion_ops.common import StepLog  # noqa: E402
-from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser  # noqa: E402
-from tests.support.metrics import nmse_db  # noqa: E402
-from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler  # noqa: E402
+from bench.common import flow_sigmas, karras_sigmas, markdown_table
+from inversion_ops import exact
+from inversion_ops.common import StepLog
+from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser
+from tests.support.metrics import nmse_db
+from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
 
 COLUMNS = ("model", "sampler", "steps", "cfg", "method", "noise_nmse_db", "regen_nmse_db",
            "model_calls", "seconds")
@@ -35,17 +33,9 @@ MAX_ITERATIONS = 500   # per step (the solvers' cap when this bench was written)
 REFINE_PASSES = 4      # dpmpp_2m exact_anderson_refined (the function's default when this bench was written)
 
 
-def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
-    """ComfyUI's karras schedule for an SD1.5-like EPS model, descending, ending at 0."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, s.new_zeros(1)]).float()
-
-
-def flow_sigmas(steps, shift=3.0):
-    """SD3-style shifted flow schedule, descending from exactly 1.0 to 0."""
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).float()
+def schedules(steps):
+    """The analytic benchmark's schedules, float32 as ComfyUI holds them: karras for EPS, shift-3 flow from 1.0."""
+    return {"eps": karras_sigmas(steps).float(), "flow": flow_sigmas(steps).float()}
 
 
 def methods(sampler):
@@ -74,7 +64,7 @@ def run(quick=False):
         cond = GaussianMixtureDenoiser.random(parameterization=model, weights=[0.6, 0.3, 0.1])
         uncond = GaussianMixtureDenoiser.random(parameterization=model, weights=[0.2, 0.3, 0.5])
         for sampler, steps in grid:
-            sigmas = karras_sigmas(steps) if model == "eps" else flow_sigmas(steps)
+            sigmas = schedules(steps)[model]
             sample = sample_euler if sampler == "euler" else sample_dpmpp_2m
             noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
             for cfg in cfgs:
@@ -94,11 +84,5 @@ def run(quick=False):
     return rows
 
 
-def markdown(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    print(markdown(run(quick="--quick" in sys.argv)))
+    print(markdown_table(run(quick="--quick" in sys.argv), COLUMNS, floatfmt="{}"))
