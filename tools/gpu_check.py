@@ -6,7 +6,7 @@ there, and run `make gpu-check`. It installs the wheels into a private folder, b
 on that machine, then runs ComfyUI WITHOUT --cpu:
   1. the whole suite (browser test aside) with models and VAEs in fp32;
   2. the node tests with fp16 and with bf16 models and VAEs (a failure there says what 16 bit breaks);
-  3. `bench/run.py decoder` (QUICK), which records torch.cuda.max_memory_allocated on a GPU.
+  3. `python -m bench decoder` (QUICK), which records torch.cuda.max_memory_allocated on a GPU.
 Each step has a time budget so the whole run stays under 8 minutes. It writes bench/results/gpu_check.json
 (summary: device, passed, failed, per-run counts and the decoder benchmark's summary) and copies it and
 the logs to $OUT when that is set.
@@ -94,7 +94,7 @@ def run_decoder_bench(env, logs):
     start = time.time()
     with open(logs / "bench-decoder.log", "w") as log:
         try:
-            code = subprocess.run([sys.executable, "bench/run.py", "decoder"], cwd=REPO, env={**env, "QUICK": "1"},
+            code = subprocess.run([sys.executable, "-m", "bench", "decoder"], cwd=REPO, env={**env, "QUICK": "1"},
                                   stdout=log, stderr=subprocess.STDOUT, timeout=DECODER_SECONDS).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"

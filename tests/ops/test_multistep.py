@@ -1,6 +1,6 @@
 """Shooting inversion (inversion_ops.multistep) on the closed-form Gaussian mixture, with the pack's
 re-implementations of ComfyUI's samplers as the black box (ComfyUI's own functions are exercised in
-tests/test_exact_nodes.py and bench/exact_samplers.py).
+tests/test_exact_nodes.py and bench/exact/samplers.py).
 
 float64 model maths; the tolerance is the regeneration error's RMS per element, so "exact" here is
 a regenerated latent within -90 dB of the input (latents of RMS ~1).
