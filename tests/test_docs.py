@@ -15,7 +15,8 @@ README_MAX_WORDS = 2000
 RESULTS_ANCHORS = ("patience", "retry-above", "relative-floor", "start-tolerance", "tolerance-floor",
                    "refine-passes", "max-model-calls-per-step", "solver", "substeps", "auto-dtype", "momentum",
                    "decoder-defaults", "preciseinv-defaults", "rf-defaults", "shooting-runs", "cfg-pp",
-                   "sampler-table", "exact-trained", "watermark")
+                   "sampler-table", "exact-trained", "watermark", "tolerance", "max-iterations", "cfg-pp-label",
+                   "cfg-pp-shooting-runs", "optimizer", "lr", "rf-sde", "p-value-plugin", "wrong-keys")
 DOC_LINK = re.compile(r"docs/(\w+\.md)#([\w-]+)")
 MARKER = re.compile(r"(?<!`)<!-- [\w.]+\.json:[^>]*-->")
 
