@@ -139,8 +139,7 @@ def recomputing_twin(block):
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return run(*args, **kwargs)
-        # the caller goes on writing block indices into dict arguments (transformer_options):
-        # the recomputation must see them as this call did
+        # the caller goes on writing block indices into dict arguments: the recomputation sees this call's
         then = [_as_now(a) for a in args], {k: _as_now(v) for k, v in kwargs.items()}
         first = [True]
 

@@ -56,21 +56,19 @@ def shooting(name, runs):
 
 
 # ---------------------------------------------------------------- the runs shooting makes, in order
-# Each run goes on only with the samples that the runs before it left above multistep.RETRY_ABOVE.
+# Each run goes on only with the samples the runs before it left above RETRY_ABOVE (see docs/results.md#shooting-runs)
 
 SHOOTING_RUNS = (
     # from the exact euler inversion: lands in the latent's basin for most samplers
     ShootingRun(exact.naive_inversion, exact.exact_inversion_euler),
     # from the naive inversion N(x): some high-order samplers settle far from x from the euler start
     ShootingRun(exact.naive_inversion, None),
-    # from heun's and dpm_2's exact inversions, nearer a high-order trajectory where both starts above lead to
-    # another basin (tools/shooting_basins.py; see docs/results.md#shooting-runs)
+    # from heun's and dpm_2's exact inversions: both starts above can lead to another basin
     ShootingRun(exact.naive_inversion, backward_euler_through_own_step("heun")),
     ShootingRun(exact.naive_inversion, backward_euler_through_own_step("dpm_2")),
 )
 
-# CFG++ renoises with the unconditional prediction: first a run whose N is the CFG++ naive inversion, from
-# backward Euler through euler_cfg_pp's step; then the runs above (see docs/results.md#cfg-pp-shooting-runs)
+# CFG++ renoises with the unconditional prediction: its own naive inversion first (docs/results.md#cfg-pp-shooting-runs)
 CFG_PP_SHOOTING_RUNS = (
     ShootingRun(functools.partial(exact.naive_inversion_cfg_pp, guided_and_uncond=comfy_guided_and_uncond),
                 backward_euler_through_own_step("euler_cfg_pp")),
@@ -80,7 +78,7 @@ CFG_PP_SHOOTING_RUNS = (
 
 # ---------------------------------------------------------------- which inverse each ComfyUI sampler takes
 
-# Multi-step samplers (their step reads earlier steps): shooting through their own function.
+# Shot through their own function: ComfyUI's deterministic samplers but euler / ddim, heun and dpm_2.
 SHOT_SAMPLERS = ("dpmpp_2m", "lms", "deis", "ipndm", "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep",
                  "gradient_estimation", "heunpp2", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
                  "gradient_estimation_cfg_pp", "euler_cfg_pp")

@@ -121,8 +121,7 @@ class InversionKSampler(comfy.samplers.KSAMPLER):
         reports = itertools.count()
 
         def on_step(step, denoised, x, total_steps):
-            # one progress bar over the whole run: refine passes and shooting iterations report again
-            # after the last step, so the bar counts reports and grows its total instead of restarting
+            # refine passes and shooting report past the last step: one bar counts reports, its total growing
             comfy.model_management.throw_exception_if_processing_interrupted()
             done = next(reports)
             if callback is not None:
