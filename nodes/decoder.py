@@ -22,7 +22,7 @@ from ..inversion_ops.decoder import (
     check_inertial_km,
 )
 from .sampling import to_intermediate
-from .ui import convergence_ui, schema
+from .ui import decoder_inversion_ui, schema
 
 CATEGORY = "inversion/vae"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,21 +52,20 @@ TOOLTIPS = {
         f"for adam_residual and gradient."),
     "momentum": (
         "Inertia alpha of the momentum method; with step s it must satisfy "
-        f"s/2*(1 - alpha + 2 alpha^2) < (1 - alpha)^2 (defaults {MOMENTUM} / {DEFAULT_STEP['momentum']} do, "
-        "with a 2x margin)."),
+        f"s/2*(1 - alpha + 2 alpha^2) < (1 - alpha)^2 (the defaults {MOMENTUM} / {DEFAULT_STEP['momentum']} "
+        "do)."),
     "tolerance": (
         "An image stops when the RMS per element of its residual E(D(z)) - E(x) is at most this, in raw "
         "latent units (gradient: of D(z) - x, in the VAE's [-1, 1] pixel units). 0 = run every iteration."),
     "precision": (
         "dtype the VAE's model runs in; the latent being updated is float32 whatever this is. auto: fp32, "
-        "the most exact (16-bit VAEs end 3 to 19 dB worse). A dtype other than the VAE's own runs on a "
-        "temporary copy of its weights."),
+        "the most exact. A dtype other than the VAE's own runs on a temporary copy of its weights."),
 }
 
 
 def resolve_precision(vae, method, precision):
-    """auto: AUTO_DTYPE (float32), the best measured for every method; a 16-bit VAE runs on a copy."""
-    if precision == "auto":
+    """The dtype the VAE's model runs in; auto is AUTO_DTYPE for every method."""
+    if precision == "auto":   # see docs/results.md#auto-dtype
         return AUTO_DTYPE
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
@@ -210,19 +209,6 @@ def _progress(total, callback=None):
     return on_evaluation
 
 
-def convergence_view(method, log):
-    """The node's ui: the residual curve per image, and each image's iterations and best residual."""
-    final = log.records[-1]
-    best, iterations = final["best_residual"], final["iterations"]
-    converged = sum(not h for h in final["hit_cap"])
-    units = "pixel RMS" if method == "gradient" else "latent RMS"
-    summary = (f"{method}: {max(iterations)} iterations, residual {max(best):.3g} {units}, "
-               f"converged {converged}/{len(best)}")
-    return convergence_ui(f"Decoder inversion ({method})", log.residuals, "evaluation", f"residual ({units})",
-                          summary=summary, final_residual=[float(r) for r in best],
-                          iterations=[int(i) for i in iterations])
-
-
 class DecoderInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -253,7 +239,7 @@ class DecoderInversion(io.ComfyNode):
     @classmethod
     def execute(cls, vae, image, method, max_iterations, step_size, momentum, tolerance, precision):
         z, log = invert_image(vae, image, method, max_iterations, step_size, momentum, tolerance, precision)
-        return io.NodeOutput({"samples": z}, ui=convergence_view(method, log))
+        return io.NodeOutput({"samples": z}, ui=decoder_inversion_ui(method, log))
 
 
 NODES = [DecoderInversion]

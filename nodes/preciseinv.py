@@ -3,111 +3,28 @@ latent is learned by gradient descent so that ONE sampler step from it reproduce
 below, for 1 to 50 steps (2- and 4-step few-step settings included). As a SAMPLER for
 SamplerCustom / SamplerCustomAdvanced over Inversion Sigmas, and as one "Invert Latent" node.
 
-The maths is in inversion_ops.preciseinv; the guider / sigma plumbing in nodes/sampling.py. What
-is here is what backpropagating through ComfyUI's model needs: a full model load whose blocks
-recompute their activations in the backward pass (nodes/recompute.py), weights autograd can use
-(ComfyUI loads weights inside torch.inference_mode(), and autograd refuses to save inference tensors
-for the input gradient), with a clear refusal when the model still cannot be differentiated.
+The maths is in inversion_ops.preciseinv; backpropagating through ComfyUI's model in nodes/autograd.py;
+the guider / sigma plumbing in nodes/sampling.py.
 """
-import contextlib
-
-import comfy.model_patcher
-import torch
 from comfy_api.latest import io
 
 from ..inversion_ops import preciseinv as ops
 from ..inversion_ops.common import StepLog
-from . import recompute
-from .sampling import (CATEGORY, InversionKSampler, check_invertible_sampler, check_latent_channels,
-                       invert_whole_latent, inversion_node_inputs, round_trip_recipe)
+from . import autograd
+from .inverses import check_invertible_sampler
+from .sampling import (InversionKSampler, check_latent_channels, invert_whole_latent, inversion_node_inputs,
+                       round_trip_recipe)
 from .sigmas import inversion_sigmas
-from .ui import convergence_ui, schema
+from .ui import CATEGORY, preciseinv_ui, schema
 
 ROUND_TRIP_RECIPE = round_trip_recipe("the euler (or ddim) sampler")
-
-NOT_DIFFERENTIABLE = (
-    "PreciseInv backpropagates through the model with respect to its input latent, and this model "
-    "cannot be differentiated: {error} Quantised or custom weight formats, and patches that run the "
-    "model without autograd, do not support this; load the model in a float dtype (UNETLoader "
-    "weight_dtype 'default') or use the Exact Inversion nodes, which need no gradients.")
-_AUTOGRAD_FAILURES = ("does not require grad", "Inference tensors", "derivative for", "version counter")
-
-
-def _models_of(guider):
-    """The ModelPatchers a guider's sampling run uses: the model, then ControlNets and the like."""
-    patchers = [getattr(guider, "model_patcher", None), *(getattr(guider, "loaded_models", None) or [])]
-    return [p for p in patchers if isinstance(p, comfy.model_patcher.ModelPatcher)]
-
-
-def _autograd_view(tensor):
-    """A normal (non-inference) tensor over the same memory, through DLPack: no copy. Where DLPack cannot
-    carry the tensor (a dtype or device it lacks), a copy."""
-    try:
-        return torch.from_dlpack(tensor.detach())
-    except (RuntimeError, BufferError, TypeError):
-        return tensor.detach().clone()
-
-
-@contextlib.contextmanager
-def autograd_weights(modules):
-    """Lend every inference-tensor parameter and buffer of `modules` to autograd as a normal, frozen
-    tensor over the same memory (requires_grad False: gradients go to the input only), through the
-    modules' public register_parameter / register_buffer; the originals are put back on exit.
-
-    ComfyUI loads weights inside torch.inference_mode(), and autograd refuses to save inference tensors
-    for the input gradient. A DLPack view is not one, and costs no memory (before: a copy of the weights).
-    """
-    borrowed, views = [], {}
-    with torch.inference_mode(False):
-        try:
-            for module in modules:
-                for sub in module.modules():
-                    for kind, store in (("parameter", sub._parameters), ("buffer", sub._buffers)):
-                        for name, tensor in list(store.items()):
-                            if tensor is None or not tensor.is_inference():
-                                continue
-                            if kind == "parameter" and not isinstance(tensor, torch.nn.Parameter):
-                                continue
-                            if id(tensor) not in views:   # tied weights stay tied
-                                view = _autograd_view(tensor)
-                                views[id(tensor)] = torch.nn.Parameter(view, requires_grad=False) \
-                                    if kind == "parameter" else view
-                            borrowed.append((sub, kind, name, tensor))
-                            _register(sub, kind, name, views[id(tensor)])
-            yield
-        finally:
-            for sub, kind, name, tensor in reversed(borrowed):
-                _register(sub, kind, name, tensor)
-
-
-def _register(module, kind, name, tensor):
-    if kind == "parameter":
-        module.register_parameter(name, tensor)
-    else:
-        module.register_buffer(name, tensor, persistent=name not in module._non_persistent_buffers_set)
-
-
-def require_input_gradient(model):
-    """`model` that refuses to go on when its output is cut off from autograd (a patch running it under
-    no_grad, a non-differentiable kernel): the step loss would still have a gradient through the Euler
-    step's own x term, so the optimiser would silently run on a wrong one."""
-    def checked(x, sigma, **extra_args):
-        denoised = model(x, sigma, **extra_args)
-        if x.requires_grad and not denoised.requires_grad:
-            raise RuntimeError(NOT_DIFFERENTIABLE.format(
-                error="its output does not depend on its input through autograd."))
-        return denoised
-    return checked
 
 
 def differentiable_preciseinv(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
     """ops.preciseinv through ComfyUI's model, with autograd failures explained to the user."""
-    try:
-        return ops.preciseinv(require_input_gradient(model), x, sigmas, extra_args, callback, disable, **options)
-    except RuntimeError as e:
-        if any(s in str(e) for s in _AUTOGRAD_FAILURES):
-            raise RuntimeError(NOT_DIFFERENTIABLE.format(error=str(e).split("\n")[0])) from e
-        raise
+    with autograd.failures_explained():
+        return ops.preciseinv(autograd.require_input_gradient(model), x, sigmas, extra_args, callback, disable,
+                              **options)
 
 
 class PreciseInvKSampler(InversionKSampler):
@@ -121,11 +38,9 @@ class PreciseInvKSampler(InversionKSampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
         # newer ComfyUI offloads dynamically; backprop needs every weight resident
-        with recompute.loaded_for_backprop(_models_of(model_wrap), self.recompute) as patchers:
-            modules = [p.model for p in patchers if isinstance(getattr(p, "model", None), torch.nn.Module)]
-            with autograd_weights(modules):
-                return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
-                                      denoise_mask, disable_pbar)
+        with autograd.differentiable(model_wrap, self.recompute):
+            return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
+                                  denoise_mask, disable_pbar)
 
 
 def preciseinv_sampler(tolerance, max_iterations, lr=ops.LR, log=None):
@@ -139,7 +54,7 @@ def check_preciseinv_sampler(sampler_name):
     if check_invertible_sampler(sampler_name) != "euler":
         raise ValueError(f"sampler_name {sampler_name!r}: PreciseInv learns each step's noise for the euler / "
                          f"ddim update only; use euler or ddim here and to regenerate (the Exact Inversion "
-                         f"nodes invert dpmpp_2m).")
+                         f"nodes invert the other deterministic samplers).")
 
 
 def invert_latent(model, positive, negative, latent, sampler_name, scheduler, steps, cfg, tolerance,
@@ -150,23 +65,6 @@ def invert_latent(model, positive, negative, latent, sampler_name, scheduler, st
     sigmas, log = inversion_sigmas(model, scheduler, steps), StepLog()
     sampler = preciseinv_sampler(tolerance, max_iterations, lr, log)
     return invert_whole_latent(model, positive, negative, cfg, latent, sampler, sigmas), log
-
-
-def residual_ui(log, tolerance):
-    """The per-step residual curve, the steps that stopped at the iteration cap, and the model calls."""
-    hit_cap, residuals = log.hit_cap, log.residuals
-    samples = len(hit_cap[0]) if hit_cap else 0
-    capped = [[k for k, step in enumerate(hit_cap) if step[b]] for b in range(samples)]
-    worst = max((max(step) for step in residuals), default=0.0)
-    summary = (f"tolerance {tolerance:.3g}: worst step residual {worst:.2e}, {log.model_calls} forward + "
-               f"{log.model_calls_backward} backward model calls")
-    n_capped = sum(any(step) for step in hit_cap)
-    if n_capped:
-        summary += f"; {n_capped} of {len(hit_cap)} step(s) stopped at max_iterations above the tolerance"
-    return convergence_ui("PreciseInv residual per step", residuals, "step (least noisy first)",
-                          "residual RMS per element", summary=summary, steps_at_iteration_cap=capped,
-                          iterations=[max(step) for step in log.iterations], model_calls_forward=log.model_calls,
-                          model_calls_backward=log.model_calls_backward)
 
 
 def _tolerance_input():
@@ -242,7 +140,7 @@ class PreciseInvInvertLatent(io.ComfyNode):
         tolerance = ops.TOLERANCES[tolerance]
         noise, log = invert_latent(model, positive, negative, latent, sampler_name, scheduler, steps, cfg,
                                    tolerance, max_iterations)
-        return io.NodeOutput(noise, ui=residual_ui(log, tolerance))
+        return io.NodeOutput(noise, ui=preciseinv_ui(log, tolerance))
 
 
 NODES = [PreciseInvSampler, PreciseInvInvertLatent]

@@ -12,9 +12,9 @@ from comfy_api.latest import io
 
 from ..inversion_ops import rf as ops
 from ..inversion_ops.common import StepLog
-from .sampling import CATEGORY, InversionKSampler, check_latent_channels, run_sampler
+from .sampling import InversionKSampler, check_latent_channels, run_sampler
 from .sigmas import inversion_sigmas
-from .ui import convergence_ui, schema
+from .ui import CATEGORY, rf_edit_ui, schema
 
 MODES = ("ode", "sde")
 FUNCTIONS = {("forward", "ode"): ops.controlled_forward, ("forward", "sde"): ops.controlled_forward_sde,
@@ -254,14 +254,9 @@ class RFInversionEdit(io.ComfyNode):
     @classmethod
     def execute(cls, model, source, target, latent, steps, scheduler, cfg, gamma, eta, start, stop, seed,
                 negative=None) -> io.NodeOutput:
-        out, fwd, rev = rf_inversion_edit(model, source, target, negative, latent, steps, scheduler, cfg, gamma,
-                                          eta, start, stop, seed)
-        pulled = [sum(step) / len(step) for step in rev.residuals if any(step)]
-        ui = convergence_ui("RF-Inversion edit: pull toward the source", rev.residuals, "edit step",
-                            "RMS of D' - D", log=False,
-                            summary=f"{fwd.model_calls + rev.model_calls} model calls; controlled steps "
-                                    f"{len(pulled)} of {len(rev.residuals)}")
-        return io.NodeOutput(out, ui=ui)
+        edited, forward_log, reverse_log = rf_inversion_edit(model, source, target, negative, latent, steps,
+                                                             scheduler, cfg, gamma, eta, start, stop, seed)
+        return io.NodeOutput(edited, ui=rf_edit_ui(forward_log, reverse_log))
 
 
 NODES = [RFForwardSampler, RFReverseSampler, RFInversionEdit]

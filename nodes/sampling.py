@@ -1,6 +1,7 @@
 """Plumbing shared by every sampler-based node: the SAMPLER that runs an inversion function, the
-guider-driven run of the one-node versions, the NOISE that starts at an inverted latent, and input
-checks. Everything is derived from the model's `model_sampling`; no model family is named.
+guider-driven run of the one-node versions, the NOISE that starts at an inverted latent, the inputs and
+round-trip text they share, and input checks. Everything is derived from the model's `model_sampling`;
+no model family is named. Which inverse each sampler takes is in nodes/inverses.py.
 """
 import itertools
 
@@ -14,19 +15,6 @@ from comfy_api.latest import io
 
 from ..inversion_ops.common import reachable_tolerance
 
-CATEGORY = "inversion"
-
-# ComfyUI sampler names whose update is deterministic and has an inverse here, and the inverse each
-# takes. "ddim" runs ComfyUI's sample_euler, so it inverts exactly like "euler"; the rest invert
-# their own ComfyUI function by shooting (nodes/exact.py).
-SHOT_SAMPLERS = ("dpmpp_2m", "lms", "deis", "ipndm", "ipndm_v", "uni_pc", "uni_pc_bh2", "res_multistep",
-                 "gradient_estimation", "heunpp2", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
-                 "gradient_estimation_cfg_pp", "euler_cfg_pp")
-INVERSE_OF = {"euler": "euler", "ddim": "euler", "heun": "heun", "dpm_2": "dpm_2",
-              **{name: name for name in SHOT_SAMPLERS}}
-INVERTIBLE_SAMPLERS = tuple(INVERSE_OF)
-STOCHASTIC_SAMPLERS = ("ddpm", "lcm", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
-
 
 def round_trip_recipe(sampler="the same sampler"):
     """How to regenerate from an inverted latent: one text for every inversion node."""
@@ -39,17 +27,6 @@ def round_trip_recipe(sampler="the same sampler"):
         "Flow models at full denoise (sigma_max = 1) need the universal recipe: with add_noise off, ComfyUI "
         "multiplies the start latent by 1 - sigma = 0. dpm_2 and uni_pc: regenerate with BasicScheduler's sigmas "
         "(SamplerCustom / SamplerCustomAdvanced); KSampler drops their penultimate sigma.")
-
-
-def check_invertible_sampler(sampler_name):
-    """The inverse to use for a ComfyUI sampler name (INVERSE_OF); refuse the rest, saying why."""
-    if sampler_name in INVERSE_OF:
-        return INVERSE_OF[sampler_name]
-    stochastic = "ancestral" in sampler_name or "sde" in sampler_name or sampler_name in STOCHASTIC_SAMPLERS
-    why = ("it adds fresh random noise at every step, so no single starting latent reproduces an image"
-           if stochastic else "this pack has no exact inverse for its update")
-    raise ValueError(f"sampler_name {sampler_name!r} cannot be inverted: {why}. "
-                     f"Use one of {', '.join(INVERTIBLE_SAMPLERS)} for both inversion and regeneration.")
 
 
 def inversion_node_inputs(sampler_tooltip):
@@ -144,8 +121,7 @@ class InversionKSampler(comfy.samplers.KSAMPLER):
         reports = itertools.count()
 
         def on_step(step, denoised, x, total_steps):
-            # one progress bar over the whole run: refine passes and shooting iterations report again
-            # after the last step, so the bar counts reports and grows its total instead of restarting
+            # refine passes and shooting report past the last step: one bar counts reports, its total growing
             comfy.model_management.throw_exception_if_processing_interrupted()
             done = next(reports)
             if callback is not None:

@@ -3,9 +3,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from .ui import schema
-
-CATEGORY = "inversion"
+from .ui import CATEGORY, schema
 
 
 def inversion_sigmas(model, scheduler, steps, denoise=1.0):

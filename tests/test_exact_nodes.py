@@ -421,7 +421,7 @@ def test_one_step_of_comfyui_sampler_composes_into_its_full_run(comfy, sampler):
     # schedule, so running it on [sigma, sigma_next] step after step is its whole run, bit for bit
     from comfy import samplers as comfy_samplers
     from comfy.k_diffusion import sampling as kd
-    exact_nodes = comfy.pack_module("nodes.exact")
+    inverses = comfy.pack_module("nodes.inverses")
     model = _load(comfy, "tiny_sd3_flow.safetensors")
     sigmas = comfy_samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 5).cpu()
     denoise = lambda x, sigma, **kw: model.model.apply_model(x, sigma, c_crossattn=_conditioning(4096, 1)[0][0],
@@ -429,7 +429,7 @@ def test_one_step_of_comfyui_sampler_composes_into_its_full_run(comfy, sampler):
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         whole = getattr(kd, f"sample_{sampler}")(denoise, x, sigmas, disable=True)
-        step, stepped = exact_nodes.comfy_one_step(sampler), x
+        step, stepped = inverses.comfy_one_step(sampler), x
         for i in range(len(sigmas) - 1):
             stepped = step(denoise, stepped, sigmas[i:i + 2], {})
     assert torch.equal(whole, stepped)
@@ -458,13 +458,13 @@ def test_shooting_tries_the_naive_start_where_the_euler_start_stalls(comfy):
     from comfy.k_diffusion.sampling import get_sigmas_karras
     from tests.support.analytic import AnalyticCFG
     from tests.support.metrics import nmse_db
-    exact_nodes, common = comfy.pack_module("nodes.exact"), comfy.pack_module("inversion_ops.common")
+    inverses, common = comfy.pack_module("nodes.inverses"), comfy.pack_module("inversion_ops.common")
     model, sigmas = AnalyticCFG("eps", 7.5), get_sigmas_karras(10, 0.0292, 14.6146)
-    sample = exact_nodes.comfy_sampler_function("ipndm")
+    sample = inverses.comfy_sampler_function("ipndm")
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
     x0 = sample(model, noise, sigmas.clone(), extra_args={}, disable=True)
     log = common.StepLog()
-    found = exact_nodes.EXACT_INVERSIONS["ipndm"](model, x0, sigmas.flip(0), callback=log)
+    found = inverses.EXACT_INVERSIONS["ipndm"](model, x0, sigmas.flip(0), callback=log)
     regenerated = sample(model, found.clone(), sigmas.clone(), extra_args={}, disable=True)
     assert nmse_db(regenerated, x0).max() < -60
     assert log.model_calls <= 200 * 10   # within Invert Latent's default budget
@@ -478,11 +478,11 @@ def test_shooting_brings_back_every_sample_its_first_two_runs_leave_in_another_b
     # below -30 dB, and no sample gets worse, since the best iterate is kept over every run.
     from tests.support.analytic import AnalyticCFG
     from tests.support.metrics import nmse_db
-    exact_nodes, multistep = comfy.pack_module("nodes.exact"), comfy.pack_module("inversion_ops.multistep")
+    inverses, multistep = comfy.pack_module("nodes.inverses"), comfy.pack_module("inversion_ops.multistep")
     ramp = torch.linspace(0, 1, 10, dtype=torch.float64)   # the benchmark's karras: float64, held in float32
     sigmas = (14.6146 ** (1 / 7) + ramp * (0.0292 ** (1 / 7) - 14.6146 ** (1 / 7))) ** 7
     model, sigmas = AnalyticCFG("eps", 5.0), torch.cat([sigmas, sigmas.new_zeros(1)]).float()
-    sample = exact_nodes.comfy_sampler_function("res_multistep")
+    sample = inverses.comfy_sampler_function("res_multistep")
     noise = torch.cat([torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(24)])
     x0 = sample(model, noise * sigmas[0], sigmas.clone(), extra_args={}, disable=True)
 
@@ -490,7 +490,7 @@ def test_shooting_brings_back_every_sample_its_first_two_runs_leave_in_another_b
         found = multistep.exact_inversion_shooting(model, x0, sigmas.flip(0), sample=sample, runs=runs,
                                                    max_model_calls=200 * 10)
         return nmse_db(sample(model, found.clone(), sigmas.clone(), extra_args={}, disable=True), x0)
-    first_two, every_run = regeneration_db(multistep.RUNS), regeneration_db(exact_nodes.RUNS)
+    first_two, every_run = regeneration_db(inverses.SHOOTING_RUNS[:2]), regeneration_db(inverses.SHOOTING_RUNS)
     another_basin = first_two > -10
     assert int(another_basin.sum()) >= 2, first_two
     assert (every_run[another_basin] < -30).all(), every_run[another_basin]

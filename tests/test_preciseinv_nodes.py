@@ -228,12 +228,12 @@ def test_recomputing_blocks_in_the_backward_pass_gives_the_same_inversion(comfy,
     # The recomputation runs the blocks' own ops again on the same inputs: the gradients, and so the
     # iterates, are those of the run that keeps every activation (measured bit-identical on the CPU);
     # 1e-6 leaves room for kernels whose reductions are not run to run deterministic.
-    recompute = comfy.pack_module("nodes.recompute")
+    autograd = comfy.pack_module("nodes.autograd")
     with torch.inference_mode():
         model = load_unet(comfy, name)
         positive = conditioning(comfy, family, 1)
         latent = {"samples": torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(0))}
-        blocks = list(recompute.blocks(model.get_model_object("diffusion_model")))
+        blocks = list(autograd.blocks(model.get_model_object("diffusion_model")))
         assert blocks, "the diffusion model's blocks were found"
         # a layer inside a block runs once more per backward pass when the block is recomputed
         layer = next(m for m in blocks[0][1].modules() if next(m.children(), None) is None)

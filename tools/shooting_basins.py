@@ -71,22 +71,22 @@ def main():
     missed = [r for r in cells if r["method"] == "pack" and r["regen_nmse_db"] > MISSED_ABOVE_DB]
     runtime = InProcessComfy(tempfile.mkdtemp())
     torch.set_num_threads(1)
-    exact_nodes, sampling = runtime.pack_module("nodes.exact"), runtime.pack_module("nodes.sampling")
+    inverses = runtime.pack_module("nodes.inverses")
     crossed = 0
     for cell in missed:
         kind = cell["model"].removeprefix("analytic_")
         sigmas = schedules(cell["steps"])[kind]
         model = AnalyticCFG(kind, cell["cfg"], comfy_model_sampling(kind))
         noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]   # as the benchmark
-        sample = exact_nodes.comfy_sampler_function(cell["sampler"])
+        sample = inverses.comfy_sampler_function(cell["sampler"])
 
         def regenerate(z):
             return sample(model, z.clone(), sigmas.clone(), extra_args={}, disable=True)
         x0 = regenerate(noise)
-        inverted = exact_nodes.EXACT_INVERSIONS[sampling.check_invertible_sampler(cell["sampler"])](model, x0, sigmas.flip(0))
+        inverted = inverses.EXACT_INVERSIONS[inverses.check_invertible_sampler(cell["sampler"])](model, x0, sigmas.flip(0))
         b = int(nmse_db(regenerate(inverted), x0).argmax())   # the sample that misses
         starts = {start_name(run): run.approximate_inverse(model, x0, sigmas.flip(0), {}) if run.start is None else
-                  run.start(model, x0, sigmas.flip(0), {}, tolerance=multistep.START_TOLERANCE) for run in exact_nodes.RUNS}
+                  run.start(model, x0, sigmas.flip(0), {}, tolerance=multistep.START_TOLERANCE) for run in inverses.SHOOTING_RUNS}
         starts["returned"] = inverted
         target, target_distance = nearest_component(model, x0[b:b + 1])
         line = f"{cell['model']} {cell['sampler']} {cell['steps']} steps cfg {cell['cfg']:g}: x0 -> component {target[0]} ({target_distance[0]:.1f})"
