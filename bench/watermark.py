@@ -75,12 +75,17 @@ def attack(pixels, name, rng):
     return np.stack(out)
 
 
+# shooting's first two runs (euler start, then N(x)); this suite runs without ComfyUI, so not heun's and dpm_2's
+BASE_RUNS = (multistep.ShootingRun(exact.naive_inversion, exact.exact_inversion_euler),
+             multistep.ShootingRun(exact.naive_inversion, None))
+
+
 def inverters(sampler):
     if sampler == "euler":
         return {"naive": (exact.naive_inversion, {}), "exact": (exact.exact_inversion_euler, {})}
     # dpmpp_2m: shooting through the sampler's own arithmetic, as Invert Latent inverts it
     return {"naive": (exact.naive_inversion, {}),
-            "exact": (multistep.exact_inversion_shooting, {"sample": sample_dpmpp_2m})}
+            "exact": (multistep.exact_inversion_shooting, {"sample": sample_dpmpp_2m, "runs": BASE_RUNS})}
 
 
 def roc(clean, marked):

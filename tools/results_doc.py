@@ -42,7 +42,7 @@ def table(header, rows):
     return "\n".join(lines) + "\n"
 
 
-# How the pack inverts each sampler (nodes/sampling.py's INVERSE_OF and nodes/exact.py's runs).
+# How the pack inverts each sampler (the registry, nodes/inverses.py).
 BACKWARD_EULER = ("euler", "heun", "dpm_2")
 SAMPLER_ORDER = ("euler", "heun", "dpm_2", "heunpp2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
                  "uni_pc_bh2", "res_multistep", "gradient_estimation", "euler_cfg_pp", "dpmpp_2m_cfg_pp",
