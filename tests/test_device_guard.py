@@ -143,12 +143,11 @@ def node_samplers(comfy, kind):
     exact_nodes, pi_nodes, rf_nodes = (comfy.pack_module(f"nodes.{m}") for m in ("exact", "preciseinv", "rf"))
     samplers = [("naive", exact_nodes.inversion_sampler("euler", "naive"), True),
                 ("exact_euler", exact_nodes.inversion_sampler("euler", max_iterations=8), True),
-                # shooting: a small budget still runs every start and the solver on the device
-                ("exact_dpmpp_2m", exact_nodes.inversion_sampler("dpmpp_2m", max_iterations=4, max_model_calls=120), True),
+                ("exact_dpmpp_2m", exact_nodes.inversion_sampler("dpmpp_2m", max_iterations=4), True),
                 ("exact_heun", exact_nodes.inversion_sampler("heun", max_iterations=4), True),
                 ("exact_dpmpp_2m_backward_euler", exact_nodes.inversion_sampler("dpmpp_2m_backward_euler",
                                                                                 max_iterations=4), True),
-                ("shooting_lms", exact_nodes.inversion_sampler("lms", max_iterations=3, max_model_calls=120), True),
+                ("shooting_lms", exact_nodes.inversion_sampler("lms", max_iterations=3), True),
                 ("preciseinv", pi_nodes.preciseinv_sampler(1e-3, 4), True)]
     if kind == "flow":
         samplers += [("rf_forward", rf_nodes.ControlledFlowSampler("forward", seed=1, gamma=0.5), True),
