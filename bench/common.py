@@ -1,4 +1,4 @@
-"""What every suite shares: the machine record, result files and tables, the noise schedules, random
+"""What every suite shares: the machine record, result files and tables, SD1.5's simple schedule, random
 conditioning and the DDIM baseline. Error measures come from tests/support/metrics.py (nmse_db, psnr_db)."""
 import json
 import os
@@ -87,20 +87,6 @@ def find_row(rows, **match):
 def result_path(name, ext, quick):
     os.makedirs(RESULTS, exist_ok=True)
     return os.path.join(RESULTS, f"{name}{'.quick' if quick else ''}.{ext}")
-
-
-def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
-    """ComfyUI's karras schedule for an SD1.5-like EPS model, descending, ending at 0 (float64)."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, s.new_zeros(1)])
-
-
-def flow_sigmas(steps, shift=3.0, dtype=torch.float64, ascending=False):
-    """SD3-style shifted flow schedule from exactly 1.0 to 0 (or 0 to 1: linspace's rounding depends on the
-    direction, so each suite keeps the one its results were measured with)."""
-    t = torch.linspace(0, 1, steps + 1, dtype=dtype) if ascending else torch.linspace(1, 0, steps + 1, dtype=dtype)
-    return shift * t / (1 + (shift - 1) * t)
 
 
 def sd15_simple_sigmas(steps):

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from bench.common import ddim_inversion, flow_sigmas, sd15_simple_sigmas
+from bench.common import ddim_inversion, sd15_simple_sigmas
+from tests.support.schedules import flow_sigmas
 from inversion_ops.common import StepLog, euler_step
 from inversion_ops.exact import exact_inversion_euler
 from inversion_ops.preciseinv import preciseinv

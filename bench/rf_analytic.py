@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.common import flow_sigmas
+from tests.support.schedules import flow_sigmas
 from inversion_ops.common import SIGMA_FLOOR, CountedModel, StepLog, check_sigmas, to_d
 from inversion_ops.rf import controlled_forward, controlled_reverse
 from tests.support.analytic import GaussianMixtureDenoiser

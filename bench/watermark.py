@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from bench.common import find_row, karras_sigmas, markdown_table, publish, pyplot, save_figure
+from bench.common import find_row, markdown_table, publish, pyplot, save_figure
 from inversion_ops import exact, multistep, watermark
 from inversion_ops.common import StepLog
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser
 from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
+from tests.support.schedules import karras_sigmas
 
 SHAPE, CHANNEL, RADIUS, KEY, CFG = (4, 16, 16), 3, 5, 20231, 5.0
 PIXEL_SPREAD = 4.0

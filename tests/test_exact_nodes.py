@@ -478,10 +478,9 @@ def test_shooting_brings_back_every_sample_its_first_two_runs_leave_in_another_b
     # below -30 dB, and no sample gets worse, since the best iterate is kept over every run.
     from tests.support.analytic import AnalyticCFG
     from tests.support.metrics import nmse_db
+    from tests.support.schedules import karras_sigmas
     inverses, multistep = comfy.pack_module("nodes.inverses"), comfy.pack_module("inversion_ops.multistep")
-    ramp = torch.linspace(0, 1, 10, dtype=torch.float64)   # the benchmark's karras: float64, held in float32
-    sigmas = (14.6146 ** (1 / 7) + ramp * (0.0292 ** (1 / 7) - 14.6146 ** (1 / 7))) ** 7
-    model, sigmas = AnalyticCFG("eps", 5.0), torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    model, sigmas = AnalyticCFG("eps", 5.0), karras_sigmas(10).float()   # the benchmark's: float64, held in float32
     sample = inverses.comfy_sampler_function("res_multistep")
     noise = torch.cat([torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(24)])
     x0 = sample(model, noise * sigmas[0], sigmas.clone(), extra_args={}, disable=True)

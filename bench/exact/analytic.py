@@ -19,12 +19,13 @@ import time
 
 import torch
 
-from bench.common import flow_sigmas, karras_sigmas, markdown_table
+from bench.common import markdown_table
 from inversion_ops import exact
 from inversion_ops.common import StepLog
 from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser
 from tests.support.metrics import nmse_db
 from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
+from tests.support.schedules import flow_sigmas, karras_sigmas
 
 COLUMNS = ("model", "sampler", "steps", "cfg", "method", "noise_nmse_db", "regen_nmse_db",
            "model_calls", "seconds")

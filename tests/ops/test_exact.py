@@ -13,6 +13,7 @@ from inversion_ops.common import StepLog
 from tests.support.analytic import GaussianMixtureDenoiser, cfg_denoiser
 from tests.support.metrics import nmse_db
 from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
+from tests.support.schedules import flow_sigmas, karras_sigmas
 
 TOL = 1e-6
 # tiny tensors: intra-op threads only contend for the 2 shared cores (softmax took ms per call)
@@ -23,19 +24,6 @@ def run(invert, *args, **options):
     """(result, StepLog) of an inversion function called with the k-diffusion signature."""
     log = StepLog()
     return invert(*args, callback=log, **options), log
-
-
-def karras_sigmas(steps, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
-    """ComfyUI's karras schedule for an SD1.5-like EPS model, descending, ending at 0."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, s.new_zeros(1)])
-
-
-def flow_sigmas(steps, shift=3.0):
-    """SD3-style shifted flow schedule, descending from exactly 1.0 to 0."""
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    return shift * t / (1 + (shift - 1) * t)
 
 
 def make_case(parameterization, cfg, steps, batch=1, seed=1):
