@@ -30,7 +30,7 @@ from bench.common import find_row, markdown_table, publish, pyplot, save_figure
 from inversion_ops import exact, multistep, watermark
 from inversion_ops.common import StepLog
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser
-from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
+from tests.support.reference_samplers import BASE_SHOOTING_RUNS, sample_dpmpp_2m, sample_euler
 from tests.support.schedules import karras_sigmas
 
 SHAPE, CHANNEL, RADIUS, KEY, CFG = (4, 16, 16), 3, 5, 20231, 5.0
@@ -76,17 +76,13 @@ def attack(pixels, name, rng):
     return np.stack(out)
 
 
-# shooting's first two runs (euler start, then N(x)); this suite runs without ComfyUI, so not heun's and dpm_2's
-BASE_RUNS = (multistep.ShootingRun(exact.naive_inversion, exact.exact_inversion_euler),
-             multistep.ShootingRun(exact.naive_inversion, None))
-
-
 def inverters(sampler):
     if sampler == "euler":
         return {"naive": (exact.naive_inversion, {}), "exact": (exact.exact_inversion_euler, {})}
-    # dpmpp_2m: shooting through the sampler's own arithmetic, as Invert Latent inverts it
+    # dpmpp_2m: shooting through the sampler's own arithmetic, as Invert Latent inverts it (without ComfyUI:
+    # the runs that need no ComfyUI step code)
     return {"naive": (exact.naive_inversion, {}),
-            "exact": (multistep.exact_inversion_shooting, {"sample": sample_dpmpp_2m, "runs": BASE_RUNS})}
+            "exact": (multistep.exact_inversion_shooting, {"sample": sample_dpmpp_2m, "runs": BASE_SHOOTING_RUNS})}
 
 
 def roc(clean, marked):

@@ -16,7 +16,7 @@ from inversion_ops import decoder, exact, multistep, preciseinv, rf
 from tests.support.analytic import GaussianMixtureDenoiser, LinearVAE, cfg_denoiser
 from tests.support.emulated_device import DEVICE, DeviceMismatch, EmulatedDevice, is_on_device
 from tests.support.metrics import nmse_db
-from tests.support.reference_samplers import sample_dpmpp_2m
+from tests.support.reference_samplers import BASE_SHOOTING_RUNS, sample_dpmpp_2m
 
 torch.set_num_threads(1)
 SHAPE = (4, 8, 8)
@@ -31,8 +31,6 @@ def cfg_model(parameterization):
     return cfg_denoiser(mixture(parameterization, [0.6, 0.3, 0.1]), mixture(parameterization, [0.2, 0.3, 0.5]), 3.0)
 
 
-SHOOTING_RUNS = (multistep.ShootingRun(exact.naive_inversion, exact.exact_inversion_euler),
-                 multistep.ShootingRun(exact.naive_inversion, None))
 EPS_UP = torch.tensor([0.0, 0.3, 1.2, 4.0, 14.6])
 FLOW_UP = torch.tensor([0.0, 0.25, 0.5, 0.8, 1.0])
 LATENT = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
@@ -73,7 +71,7 @@ OPS = {
                                                                      refine_passes=2),
     "preciseinv": lambda m, x, s: preciseinv.preciseinv(m, x, s, max_iterations=4),
     "shooting_dpmpp_2m": lambda m, x, s: multistep.exact_inversion_shooting(m, x, s, sample=sample_dpmpp_2m,
-                                                                            runs=SHOOTING_RUNS, max_iterations=3),
+                                                                            runs=BASE_SHOOTING_RUNS, max_iterations=3),
 }
 
 

@@ -494,3 +494,12 @@ def test_shooting_brings_back_every_sample_its_first_two_runs_leave_in_another_b
     assert int(another_basin.sum()) >= 2, first_two
     assert (every_run[another_basin] < -30).all(), every_run[another_basin]
     assert (every_run <= first_two).all()
+
+
+def test_the_shooting_runs_tests_use_without_comfyui_are_the_registrys_first_two(comfy):
+    from tests.support.reference_samplers import BASE_SHOOTING_RUNS
+    inverses = comfy.pack_module("nodes.inverses")
+
+    def names(runs):
+        return [(run.approximate_inverse.__name__, run.start and run.start.__name__) for run in runs]
+    assert names(inverses.SHOOTING_RUNS[:2]) == names(BASE_SHOOTING_RUNS)

@@ -8,16 +8,13 @@ a regenerated latent within -90 dB of the input (latents of RMS ~1).
 import pytest
 import torch
 
-from inversion_ops import exact, multistep
+from inversion_ops import multistep
 from inversion_ops.common import StepLog
 from tests.ops.test_exact import make_case
 from tests.support.metrics import nmse_db
-from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
+from tests.support.reference_samplers import BASE_SHOOTING_RUNS as BASE_RUNS, sample_dpmpp_2m, sample_euler
 
 torch.set_num_threads(1)
-# the runs the nodes give every sampler first: from the exact euler inversion, then from N(x)
-BASE_RUNS = (multistep.ShootingRun(exact.naive_inversion, exact.exact_inversion_euler),
-             multistep.ShootingRun(exact.naive_inversion, None))
 
 
 def regenerate(sample, model, start, sigmas):

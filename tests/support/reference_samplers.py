@@ -1,7 +1,12 @@
 """ComfyUI's deterministic samplers re-written in the pack's own arithmetic, for tests and benchmarks
-that need a sampler without ComfyUI (a test checks them bit for bit against ComfyUI's own)."""
+that need a sampler without ComfyUI (a test checks them bit for bit against ComfyUI's own), and the
+shooting runs that need no ComfyUI code."""
 from inversion_ops.common import CountedModel, euler_step
-from inversion_ops.exact import dpmpp_2m_step
+from inversion_ops.exact import dpmpp_2m_step, exact_inversion_euler, naive_inversion
+from inversion_ops.multistep import ShootingRun
+
+# the first two of the registry's runs (nodes/inverses.py; a test keeps them equal): the euler start, then N(x)
+BASE_SHOOTING_RUNS = (ShootingRun(naive_inversion, exact_inversion_euler), ShootingRun(naive_inversion, None))
 
 
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
