@@ -1,10 +1,16 @@
 # The two set-up commands: `make test` and `make demo`. Both provision a real ComfyUI first
 # (cached under ~/.cache, keyed on the pins; COMFYUI_DIR=/path/to/ComfyUI uses your own).
+# COMFYUI=0.33.0 runs on ../shared's ComfyUI 0.33.0 instead of 0.3.75; without ../shared it says so and skips.
 SHELL := /bin/bash
-PROVISION = eval "$$(bash tools/provision.sh)"
 PYTEST_ARGS ?=
 SUITE ?= all
 QUICK ?=
+COMFYUI ?=
+# benchmarks on real weights (suites named *_real) need 0.33.0; everything else defaults to 0.3.75
+BENCH_COMFYUI = $(or $(COMFYUI),$(if $(filter %_real,$(firstword $(subst ., ,$(SUITE)))),0.33.0,0.3.75))
+provision_for = eval "$$(COMFYUI_VERSION=$(1) bash tools/provision.sh)"; \
+	if [ -n "$${COMFYUI_SKIPPED:-}" ]; then echo "$$COMFYUI_SKIPPED"; exit 0; fi
+PROVISION = $(call provision_for,$(or $(COMFYUI),0.3.75))
 
 .PHONY: test test-matrix demo bench provision dataset models gpu-bundle gpu-check
 
@@ -23,7 +29,7 @@ demo:
 
 # SUITE: a suite (all its parts), <suite>.<part>, a part's result name, or all (bench/run.py).
 bench:
-	@set -e; $(PROVISION); QUICK=$(QUICK) "$$COMFY_PYTHON" -m bench $(SUITE)
+	@set -e; $(call provision_for,$(BENCH_COMFYUI)); QUICK=$(QUICK) "$$COMFY_PYTHON" -m bench $(SUITE)
 
 # The captioned emoji image set for training the tiny models, extracted into the cache (tools/emoji_dataset.py).
 dataset:
