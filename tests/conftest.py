@@ -12,6 +12,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tests.support.comfy_runtime import ComfyServer, InProcessComfy  # noqa: E402
+from tests.support.real_weights import shared_model_paths_args  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,7 @@ def comfy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """`main.py --cpu --listen 127.0.0.1 --port <free>` with the pack symlinked into custom_nodes."""
-    server = ComfyServer(tmp_path_factory.mktemp("comfy_server")).start()
+    base = tmp_path_factory.mktemp("comfy_server")
+    server = ComfyServer(base, extra_args=shared_model_paths_args(base)).start()
     yield server
     server.stop()

@@ -35,3 +35,12 @@ def register_taef2():
     import folder_paths
     folder_paths.add_model_folder_path("vae_approx", str(taef2_dir()))
     return "taef2"
+
+
+def shared_model_paths_args(base):
+    """main.py arguments that make a server list taef2 too (an extra_model_paths.yaml in `base`); none without it."""
+    if taef2_missing_reason():
+        return []
+    config = Path(base) / "shared_model_paths.yaml"
+    config.write_text(f"exact_inversion_shared:\n    vae_approx: {taef2_dir()}\n")
+    return ["--extra-model-paths-config", str(config)]
