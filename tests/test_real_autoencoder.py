@@ -17,6 +17,7 @@ from PIL import Image
 from prompts import Graph
 from tests.support.metrics import psnr_db
 from tests.support.real_weights import register_taef2, taef2_dir, taef2_missing_reason
+from tests.test_decoder_node import one_thread  # noqa: F401  autouse: one torch thread on this shared machine
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = ["photo_chelsea_256.jpg", "photo_coffee_256.jpg", "photo_china_256.jpg"]
@@ -34,15 +35,6 @@ def load_photo(name, width, height):
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.crop((left, top, left + width, top + height))
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread on this shared 2-core machine (see test_decoder_node.py), given back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
