@@ -96,15 +96,16 @@ def cfg_denoiser(cond, uncond, cfg):
 class AnalyticCFG:
     """The mixture CFG denoiser in ComfyUI's model call convention; runs the post-CFG hooks that the
     cfg_pp samplers register, with the uncond prediction, as ComfyUI's CFGGuider does. Given a
-    `model_sampling`, it is found where ComfyUI's euler_cfg_pp looks for it (inner_model.model_patcher)."""
+    `model_sampling`, it is found where ComfyUI's samplers look for it (inner_model.model_patcher)."""
 
     def __init__(self, parameterization, cfg, model_sampling=None):
         self.cond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.6, 0.3, 0.1])
         self.uncond = GaussianMixtureDenoiser.random(parameterization=parameterization, weights=[0.2, 0.3, 0.5])
         self.cfg = cfg
-        if model_sampling is not None:
-            objects = {"model_sampling": model_sampling}
-            self.inner_model = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=objects.__getitem__))
+        # without one, an empty stand-in: ComfyUI 0.33's res_multistep reads an optional noise_scale from it,
+        # and a sampler that needs a real model_sampling still fails loudly on the missing attribute
+        objects = {"model_sampling": model_sampling if model_sampling is not None else SimpleNamespace()}
+        self.inner_model = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=objects.__getitem__))
 
     def __call__(self, x, sigma, model_options=None, **unused):
         cond, uncond = self.cond(x, sigma).to(x.dtype), self.uncond(x, sigma).to(x.dtype)
