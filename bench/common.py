@@ -78,6 +78,16 @@ def save_figure(fig, path, dpi=110, **layout):
     pyplot().close(fig)
 
 
+def nmse_vs_cfg_axes(ax, title, floor_db):
+    """Label one regenerated-NMSE-against-cfg panel, with a dotted line at the floor the suite aims for."""
+    ax.axhline(floor_db, color="grey", lw=0.8, ls=":")
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("cfg")
+    ax.set_ylabel("regen NMSE dB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
 def find_row(rows, **match):
     """The first row whose fields equal `match`, or None."""
     hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]

@@ -1,5 +1,5 @@
 """`make bench SUITE=reversible [QUICK=1]`: the reversible sampler (inversion_ops/reversible.py) against euler and
-dpmpp_2m with the pack's exact inversions, in a real ComfyUI (in-process, CPU, float32, 2 threads).
+dpmpp_2m with the pack's exact inversions, in a real ComfyUI (in-process, CPU, float32, 1 thread).
 
   analytic    the closed-form Gaussian mixture (tests/support/analytic.AnalyticCFG), EPS karras and flow shift 3,
               2 samples of 4x8x8: each candidate (capped, o_belm, bdia gamma 1) at 10/20/50 steps and the cfgs:
@@ -16,13 +16,14 @@ dpmpp_2m with the pack's exact inversions, in a real ComfyUI (in-process, CPU, f
               cfg 5 and detected through its inverse with the prompt known (cfg 5) and with the empty prompt
               (cfg 1), beside euler + exact euler inversion; latent route
 """
+import functools
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import markdown_table, publish, pyplot, save_figure
+from bench.common import markdown_table, nmse_vs_cfg_axes, publish, pyplot, save_figure
 from bench.exact.trained import load_image
 from tests.support.metrics import nmse_db
 
@@ -30,7 +31,13 @@ CHECKPOINTS = {"sd15_trained": ("tiny_sd15_trained.safetensors", "karras"),
                "sd3_trained": ("tiny_sd3_trained.safetensors", "simple")}
 FULL = dict(steps=(10, 20, 50), cfgs=(1.0, 3.0, 5.0, 7.5, 9.0), exact_cfgs=(1.0, 5.0, 9.0), per_caption=4,
             classifier_quick=False, tree_ring_n=16)
-QUICK = dict(steps=(10,), cfgs=(1.0, 5.0), exact_cfgs=(5.0,), per_caption=1, classifier_quick=True, tree_ring_n=6)
+FULL.update(latents=("real", "generated"), analytic_steps=(10, 15, 20, 50), analytic_cfgs=FULL["cfgs"],
+            quality_models=tuple(CHECKPOINTS))
+# quick mode: one cfg, the photo's latent only, one model for the classifier, fewer Tree-Ring images
+QUICK = dict(steps=(10,), cfgs=(5.0,), exact_cfgs=(5.0,), per_caption=1, classifier_quick=True, tree_ring_n=4,
+             latents=("real",), analytic_steps=(10, 15, 20, 50), analytic_cfgs=(1.0, 5.0, 9.0),
+             quality_models=("sd15_trained",))
+CAP_SWEEP = (0.9, 0.8, 0.7)   # capped's ceiling below the default rv.CAP (a damping that was measured, not taken)
 COLUMNS = ("part", "model", "latent", "method", "steps", "cfg", "regen_nmse_db", "calls_per_step",
            "bit_identical", "seconds")
 
@@ -73,9 +80,17 @@ class Pack:
                                                      self.sigmas(steps).flip(0), log=log)
 
 
+def analytic_candidates():
+    """(name, variant) of each candidate: the published variants, and capped with other ceilings."""
+    from inversion_ops import reversible as rv
+    return [(name, name) for name in rv.VARIANTS] + [
+        (f"capped_{cap:g}", functools.partial(rv.capped_coefficients, cap=cap)) for cap in CAP_SWEEP]
+
+
 def analytic_rows(grid):
     """Each candidate on the mixture: round trips of a generated latent and a mixture sample, and sample error."""
     from inversion_ops import reversible as rv
+    from inversion_ops.common import StepLog
     from tests.support.analytic import AnalyticCFG, GaussianMixtureDenoiser
     from tests.support.reference_samplers import sample_dpmpp_2m, sample_euler
     from tests.support.schedules import flow_sigmas, karras_sigmas
@@ -83,25 +98,27 @@ def analytic_rows(grid):
     for parameterization, schedule in (("eps", karras_sigmas), ("flow", flow_sigmas)):
         data = GaussianMixtureDenoiser.random(parameterization=parameterization)
         photo = data.sample(2, torch.Generator().manual_seed(5)).float()
-        for steps in (10, 20, 50):
+        for steps in grid["analytic_steps"]:
             sigmas = schedule(steps).float()
             noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
-            for cfg in grid["cfgs"]:
+            for cfg in grid["analytic_cfgs"]:
                 model = AnalyticCFG(parameterization, cfg)
                 reference = sample_dpmpp_2m(model, noise, schedule(400).float())
                 euler_db = round(float(nmse_db(sample_euler(model, noise, sigmas), reference).max()), 1)
-                for variant in rv.VARIANTS:
+                for name, variant in analytic_candidates():
                     sample = rv.sample_reversible(model, noise, sigmas, variant=variant)
-                    worst = -1e9
-                    for latent in (sample, photo):
-                        kept = {}
-                        start = rv.invert_reversible(model, latent, sigmas.flip(0), variant=variant, callback=lambda d:
-                                                     kept.update(previous=d["previous"]) if "previous" in d else None)
+                    worst, start = -1e9, None
+                    for latent in (sample, photo):   # the photo's inversion last: its start and calls are reported
+                        kept, calls = {}, StepLog()
+                        start = rv.invert_reversible(model, latent, sigmas.flip(0), variant=variant, callback=calls.tee(
+                            lambda d: kept.update(previous=d["previous"]) if "previous" in d else None))
                         back = rv.sample_reversible(model, start, sigmas, variant=variant, previous=kept["previous"])
                         worst = max(worst, float(nmse_db(back, latent).max()))
-                    rows.append(dict(part="analytic", model=f"mixture_{parameterization}", method=variant, steps=steps,
+                    rows.append(dict(part="analytic", model=f"mixture_{parameterization}", method=name, steps=steps,
                                      cfg=cfg, regen_nmse_db=round(worst, 1), sample_error_db=round(float(
-                                         nmse_db(sample, reference).max()), 1), euler_sample_error_db=euler_db))
+                                         nmse_db(sample, reference).max()), 1), euler_sample_error_db=euler_db,
+                                     inverse_calls_per_step=round(calls.model_calls / steps, 2),
+                                     photo_start_std_over_sigma=round(float(start.std() / sigmas[0]), 2)))
     return rows
 
 
@@ -139,7 +156,8 @@ def round_trip_rows(runtime, grid):
                                      pack.sigmas(steps), positive, negative, seed_noise)["samples"]
                 methods = ["reversible"] + (["euler", "dpmpp_2m"] if cfg in grid["exact_cfgs"] and steps == 10
                                             else [])
-                for kind, latent in (("real", real), ("generated", generated)):
+                for kind, latent in [(k, v) for k, v in (("real", real), ("generated", generated))
+                                     if k in grid["latents"]]:
                     for method in methods:
                         regen, calls, identical, seconds = round_trip_cell(pack, latent, cfg, steps, method,
                                                                            positive, negative)
@@ -160,8 +178,8 @@ def quality_rows(runtime, grid):
                          mode="area")
     classifier = train_classifier(real, grid["classifier_quick"])[0]
     rows, n = [], grid["per_caption"]
-    for name, (ckpt, scheduler) in CHECKPOINTS.items():
-        pack = Pack(runtime, ckpt, scheduler)
+    for name in grid["quality_models"]:
+        pack = Pack(runtime, *CHECKPOINTS[name])
         negative = pack.encode("")
         channels = 4 if name.startswith("sd15") else 16
         for steps in grid["steps"]:
@@ -246,28 +264,23 @@ def summarize(trips, quality, rings):
 
 
 def plot(trips, path):
-    plt = pyplot()
+    plt, steps = pyplot(), min(r["steps"] for r in trips)
     fig, axes = plt.subplots(1, len(CHECKPOINTS), figsize=(4.2 * len(CHECKPOINTS), 3.4), squeeze=False)
     for ax, name in zip(axes.flat, CHECKPOINTS):
         for method, marker in (("reversible", "o-"), ("euler", "s"), ("dpmpp_2m", "^")):
             for kind, colour in (("real", "tab:blue"), ("generated", "tab:orange")):
                 pts = sorted((r["cfg"], r["regen_nmse_db"]) for r in trips if (r["model"], r["method"], r["latent"])
-                             == (name, method, kind) and r["steps"] == 10)
+                             == (name, method, kind) and r["steps"] == steps)
                 if pts:
                     ax.plot(*zip(*pts), marker, color=colour, label=f"{method}, {kind}", alpha=0.8)
-        ax.axhline(-100, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{name}, 10 steps (trained weights, CPU fp32)", fontsize=8)
-        ax.set_xlabel("cfg")
-        ax.set_ylabel("regen NMSE dB")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        nmse_vs_cfg_axes(ax, f"{name}, {steps} steps (trained weights, CPU fp32)", -100)
     save_figure(fig, path)
 
 
 def main(quick=False):
     from tests.support.comfy_runtime import InProcessComfy
     grid = QUICK if quick else FULL
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as base:
         runtime = InProcessComfy(base)
         analytic = analytic_rows(grid)

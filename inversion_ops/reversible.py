@@ -21,6 +21,8 @@ from .common import CountedModel, check_sigmas, euler_step, naive_step, report, 
 
 VARIANT = "capped"   # chosen by measurement: see docs/results.md#reversible-choice
 GAMMA = 1.0          # BDIA's mixing weight; its inverse divides by gamma
+CAP = 1.0            # capped's ceiling on a: below 1 damps sampling, but the inverse then inflates a photo's
+                     # start by 1/a per step (see docs/results.md#reversible-cap)
 
 
 def o_belm_coefficients(sigma_prev, sigma, sigma_next, gamma=None):
@@ -39,12 +41,12 @@ def bdia_coefficients(sigma_prev, sigma, sigma_next, gamma=GAMMA):
     return gamma, 1.0 - gamma, (sigma_next - sigma) - gamma * (sigma_prev - sigma)
 
 
-def capped_coefficients(sigma_prev, sigma, sigma_next, gamma=None):
+def capped_coefficients(sigma_prev, sigma, sigma_next, gamma=None, cap=CAP):
     """O-BELM where the steps shrink (its a < 1 damps the two states' alternating mode); where they grow its
-    a > 1 would amplify that mode, so a is capped at 1, which is BDIA with gamma = 1 (see
+    a > 1 would amplify that mode, so a is capped at `cap`, which is BDIA with gamma = cap there (see
     docs/results.md#reversible-choice)."""
     h, big_h = sigma_next - sigma, sigma_prev - sigma
-    a = min(1.0, (h / big_h) ** 2)
+    a = min(cap, (h / big_h) ** 2)
     return a, 1.0 - a, h - a * big_h
 
 
@@ -52,6 +54,8 @@ VARIANTS = {"capped": capped_coefficients, "o_belm": o_belm_coefficients, "bdia"
 
 
 def _coefficients(variant):
+    if callable(variant):   # a coefficient function of VARIANTS' shape (the benchmark's cap sweep)
+        return variant
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     return VARIANTS[variant]
