@@ -294,6 +294,8 @@ def main(quick=False):
         summary[f"analytic_{variant}_worst_round_trip_nmse_db"] = max(r["regen_nmse_db"] for r in cells)
         summary[f"analytic_{variant}_worst_sample_error_minus_euler_db"] = max(
             round(r["sample_error_db"] - r["euler_sample_error_db"], 1) for r in cells)
+        summary[f"analytic_{variant}_worst_photo_start_std_over_sigma"] = max(
+            r["photo_start_std_over_sigma"] for r in cells)
     notes = ("tiny_sd15_trained (karras) and tiny_sd3_trained (simple) from models/, CPU, float32, batch 1, 16x16 "
              "latents; regen_nmse_db is NMSE(regenerated, latent) in the sampler's latent space; exact euler and "
              "dpmpp_2m with Invert Latent's defaults. See the module docstring.")
