@@ -299,6 +299,6 @@ def main(quick=False):
     notes = ("tiny_sd15_trained (karras) and tiny_sd3_trained (simple) from models/, CPU, float32, batch 1, 16x16 "
              "latents; regen_nmse_db is NMSE(regenerated, latent) in the sampler's latent space; exact euler and "
              "dpmpp_2m with Invert Latent's defaults. See the module docstring.")
-    publish("reversible", analytic + trips + quality + rings, summary, quick, notes, lambda path: plot(trips, path), COLUMNS,
-            shown=trips)
+    publish("reversible", analytic + trips + quality + rings, summary, quick, notes, lambda path: plot(trips, path),
+            COLUMNS, shown=trips)
     return summary
