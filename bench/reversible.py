@@ -33,8 +33,8 @@ FULL = dict(steps=(10, 20, 50), cfgs=(1.0, 3.0, 5.0, 7.5, 9.0), exact_cfgs=(1.0,
             classifier_quick=False, tree_ring_n=16)
 FULL.update(latents=("real", "generated"), analytic_steps=(10, 15, 20, 50), analytic_cfgs=FULL["cfgs"],
             quality_models=tuple(CHECKPOINTS), exact_models=tuple(CHECKPOINTS))
-# quick mode: one cfg, the photo's latent only, the smaller model alone for the exact baselines and the classifier
-QUICK = dict(steps=(10,), cfgs=(5.0,), exact_cfgs=(5.0,), per_caption=1, classifier_quick=True, tree_ring_n=4,
+# quick mode: one cfg, the photo's latent only, exact baselines at 10 steps, the smaller model alone for the exact baselines and the classifier
+QUICK = dict(steps=(10, 20), cfgs=(5.0,), exact_cfgs=(5.0,), per_caption=1, classifier_quick=True, tree_ring_n=8,
              latents=("real",), analytic_steps=(10, 15, 20, 50), analytic_cfgs=(1.0, 5.0, 9.0),
              quality_models=("sd3_trained",), exact_models=("sd3_trained",))
 CAP_SWEEP = (0.9, 0.8, 0.7)   # capped's ceiling below the default rv.CAP (a damping that was measured, not taken)
