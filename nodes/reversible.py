@@ -18,9 +18,9 @@ STATE_KEY = "reversible_state"
 STATE_SIGMA_KEY = "reversible_sigma"
 VARIANT_HELP = ("capped: O-BELM's coefficients with its weight on the older state capped at 1 (BDIA where the "
                 "steps grow); the pack's default. o_belm: Wang et al. 2024 as published. bdia: Zhang et al. 2024 "
-                "with the gamma below. Limit of capped: below 20 steps with high cfg (cfg 5+ on flow models, "
-                "7.5+ on EPS) its samples are less accurate than euler's; use 20 steps or more there "
-                "(docs/results.md#reversible-cap). Inversion stays exact everywhere.")
+                "with the gamma below. Limits of capped: on flow models (SD3, Flux) its samples drift from "
+                "euler's at any step count; below 20 steps with high cfg (cfg 5+ on flow, 7.5+ on EPS) they are "
+                "less accurate than euler's (docs/results.md#reversible-cap). Inversion stays exact everywhere.")
 
 
 def read_second_state(latent, input_name="second_state"):
