@@ -1,9 +1,11 @@
 """What every suite shares: the machine record, result files and tables, SD1.5's simple schedule, random
 conditioning and the DDIM baseline. Error measures come from tests/support/metrics.py (nmse_db, psnr_db)."""
+import contextlib
 import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -86,6 +88,14 @@ def nmse_vs_cfg_axes(ax, title, floor_db):
     ax.set_ylabel("regen NMSE dB")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
+
+
+@contextlib.contextmanager
+def in_process_comfy():
+    """A real in-process ComfyUI in a temporary base directory (tests/support/comfy_runtime.InProcessComfy)."""
+    from tests.support.comfy_runtime import InProcessComfy
+    with tempfile.TemporaryDirectory() as base:
+        yield InProcessComfy(base)
 
 
 def find_row(rows, **match):

@@ -17,13 +17,12 @@ dpmpp_2m with the pack's exact inversions, in a real ComfyUI (in-process, CPU, f
               (cfg 1), beside euler + exact euler inversion; latent route
 """
 import functools
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import markdown_table, nmse_vs_cfg_axes, publish, pyplot, save_figure
+from bench.common import in_process_comfy, markdown_table, nmse_vs_cfg_axes, publish, pyplot, save_figure
 from bench.exact.trained import load_image
 from tests.support.metrics import nmse_db
 
@@ -278,11 +277,9 @@ def plot(trips, path):
 
 
 def main(quick=False):
-    from tests.support.comfy_runtime import InProcessComfy
     grid = QUICK if quick else FULL
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as base:
-        runtime = InProcessComfy(base)
+    with in_process_comfy() as runtime:
         analytic = analytic_rows(grid)
         print(markdown_table(analytic, COLUMNS[:6] + ("sample_error_db", "euler_sample_error_db")), flush=True)
         trips = round_trip_rows(runtime, grid)
