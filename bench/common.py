@@ -1,9 +1,11 @@
 """What every suite shares: the machine record, result files and tables, SD1.5's simple schedule, random
 conditioning and the DDIM baseline. Error measures come from tests/support/metrics.py (nmse_db, psnr_db)."""
+import contextlib
 import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -76,6 +78,24 @@ def save_figure(fig, path, dpi=110, **layout):
     fig.tight_layout(**layout)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+def nmse_vs_cfg_axes(ax, title, floor_db):
+    """Label one regenerated-NMSE-against-cfg panel, with a dotted line at the floor the suite aims for."""
+    ax.axhline(floor_db, color="grey", lw=0.8, ls=":")
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("cfg")
+    ax.set_ylabel("regen NMSE dB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
+@contextlib.contextmanager
+def in_process_comfy():
+    """A real in-process ComfyUI in a temporary base directory (tests/support/comfy_runtime.InProcessComfy)."""
+    from tests.support.comfy_runtime import InProcessComfy
+    with tempfile.TemporaryDirectory() as base:
+        yield InProcessComfy(base)
 
 
 def find_row(rows, **match):

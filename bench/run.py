@@ -17,6 +17,7 @@ SUITES = {
               "trained": ("exact.trained", "exact_trained")},
     "models": {"models": ("models", "models")},
     "preciseinv": {"preciseinv": ("preciseinv", "preciseinv")},
+    "reversible": {"reversible": ("reversible", "reversible")},
     "rf": {"rf": ("rf", "rf")},
     "watermark": {"watermark": ("watermark", "watermark")},
     "watermark_trained": {"watermark_trained": ("watermark_trained", "watermark_trained")},

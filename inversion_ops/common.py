@@ -100,7 +100,7 @@ class StepLog:
     """A callback keeping every reported field but the latents, one record per callback, and the last
     model-call counts; `tee` chains it before ComfyUI's own callback."""
 
-    SKIP = ("x", "denoised", "sigma", "sigma_hat")
+    SKIP = ("x", "denoised", "sigma", "sigma_hat", "previous")
 
     def __init__(self):
         self._raw, self._records = [], []

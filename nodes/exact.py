@@ -8,6 +8,7 @@ from ..inversion_ops import exact
 from ..inversion_ops.common import StepLog
 from ..inversion_ops.solvers import SOLVERS
 from .inverses import EXACT_INVERSIONS, check_invertible_sampler
+from .reversible import invert_latent_reversible
 from .sampling import (InversionKSampler, InvertedNoise as InvertedNoiseObject, check_latent_channels,
                        invert_whole_latent, inversion_node_inputs, round_trip_recipe)
 from .sigmas import inversion_sigmas
@@ -130,11 +131,14 @@ class InvertLatent(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The steps you will regenerate with."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="The cfg you will regenerate with."),
-                io.Combo.Input("method", options=["exact", "naive"], default="exact",
+                io.Combo.Input("method", options=["exact", "naive", "reversible"], default="exact",
                                tooltip="exact: reproduces the latent (backward Euler per step for euler / ddim, "
                                        "heun and dpm_2; shooting through the sampler's own code for the others). "
                                        "naive: the usual inversion (FlipSigmas + euler) whatever the sampler, one "
-                                       "model call per step, inexact."),
+                                       "model call per step, inexact. reversible: the exact inverse of the "
+                                       "pack's Reversible Sampler (sampler_name is not used), one model call per "
+                                       "step; the output carries its second state: regenerate with the "
+                                       "Reversible Sampler given this LATENT as second_state."),
                 _max_iterations_input(),
                 _tolerance_input(),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
@@ -149,9 +153,13 @@ class InvertLatent(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, sampler_name, scheduler, steps, cfg, method,
                 max_iterations, tolerance, denoise, max_model_calls=0) -> io.NodeOutput:
-        sampler, log = check_invertible_sampler(sampler_name), StepLog()
+        log = StepLog()
         check_latent_channels(model, latent["samples"])
         sigmas = inversion_sigmas(model, scheduler, steps, denoise)
+        if method == "reversible":
+            noise = invert_latent_reversible(model, positive, negative, cfg, latent, sigmas, log=log)
+            return io.NodeOutput(noise, ui=exact_inversion_ui(log, method, "reversible"))
+        sampler = check_invertible_sampler(sampler_name)
         inverter = inversion_sampler(sampler, method, exact.SOLVER, max_iterations, tolerance, log, max_model_calls)
         noise = invert_whole_latent(model, positive, negative, cfg, latent, inverter, sigmas)
         return io.NodeOutput(noise, ui=exact_inversion_ui(log, method, sampler))

@@ -48,6 +48,10 @@ def convergence_ui(title, per_step, x_label, y_label, log=True, summary="", **ex
 def exact_inversion_ui(log, method, sampler):
     """Invert Latent's view: per-step residuals of the final pass (backward Euler), or the regeneration
     error per iteration (shooting), and the model calls."""
+    if method == "reversible":
+        summary = f"reversible inversion: {log.model_calls} model calls, algebraic (no solve)"
+        return convergence_ui("Reversible inversion", [], "step", "residual RMS", summary=summary,
+                              model_calls=log.model_calls)
     if method == "naive":
         summary = f"naive inversion: {log.model_calls} model calls, no residual (explicit steps)"
         return convergence_ui("Naive inversion", [], "step", "residual RMS", summary=summary,

@@ -123,6 +123,8 @@ def output_kind(name):
     """What a saved image is, from its SaveImage filename_prefix."""
     if "vae_only" in name:
         return "VAE only"
+    if "generated" in name:
+        return "generated"
     return "reconstruction" if "reconstruction" in name else "edit"
 
 
@@ -136,6 +138,8 @@ def method_of(workflow):
         return "RF-Inversion (forward/reverse samplers)"
     if "PreciseInvInvertLatent" in types or "PreciseInvSampler" in types:
         return "PreciseInv"
+    if "ReversibleSampler" in types:
+        return "Reversible Sampler: generate, invert, edit"
     for node in workflow["nodes"]:
         if node["type"] == "InvertLatent":
             edit = sum(n["type"] == "KSamplerAdvanced" for n in workflow["nodes"]) > 1

@@ -386,6 +386,56 @@ def tree_ring_detect(wf):
     return "Tree-Ring watermark (detect)"
 
 
+def reversible_edit(wf):
+    """8. Generate with the Reversible Sampler, invert the image with its exact inverse (Invert Latent, method
+    reversible) and regenerate it with a new prompt; the inverted LATENT carries the second state."""
+    steps, cfg, scheduler = 20, 3.0, "karras"
+    ckpt = wf.node("CheckpointLoaderSimple", (COL[0], 0), ckpt_name=SD15)
+    src = wf.node("CLIPTextEncode", (COL[0], 200), title="Prompt (the image)", extra_height=40, clip=ckpt[1],
+                  text=SOURCE_PROMPT)
+    neg = wf.node("CLIPTextEncode", (COL[0], 420), title="Negative", extra_height=40, clip=ckpt[1],
+                  text=NEGATIVE_PROMPT)
+    sampler = wf.node("ReversibleSampler", (COL[1], 0))
+    sigmas = wf.node("BasicScheduler", (COL[1], 160), model=ckpt[0], scheduler=scheduler, steps=steps, denoise=1.0)
+    noise = wf.node("RandomNoise", (COL[1], 340))
+    guider = wf.node("CFGGuider", (COL[1], 480), model=ckpt[0], positive=src[0], negative=neg[0], cfg=cfg)
+    empty = wf.node("EmptyLatentImage", (COL[1], 640), width=512, height=512, batch_size=1)
+    gen = wf.node("SamplerCustomAdvanced", (COL[2], 0), noise=noise[0], guider=guider[0], sampler=sampler[0],
+                  sigmas=sigmas[0], latent_image=empty[0])
+    image = wf.node("VAEDecode", (COL[2], 300), samples=gen[0], vae=ckpt[2])
+    save_gen = wf.node("SaveImage", (COL[2], 420), extra_height=260, images=image[0],
+                       filename_prefix="exact_inversion/reversible_generated")
+    enc = wf.node("VAEEncode", (COL[3], 0), pixels=image[0], vae=ckpt[2])
+    inv = wf.node("InvertLatent", (COL[3], 120), model=ckpt[0], positive=src[0], negative=neg[0], latent=enc[0],
+                  scheduler=scheduler, steps=steps, cfg=cfg, method="reversible")
+    tgt = wf.node("CLIPTextEncode", (COL[3], 560), title="Target prompt (the edit)", extra_height=40,
+                  clip=ckpt[1], text=TARGET_PROMPT)
+    inv_noise = wf.node("InvertedNoise", (COL[4], 0), model=ckpt[0], latent=inv[0])
+    regen_sampler = wf.node("ReversibleSampler", (COL[4], 120), title="Reversible Sampler (with the second state)",
+                            second_state=inv[0])
+    edit_guider = wf.node("CFGGuider", (COL[4], 300), model=ckpt[0], positive=tgt[0], negative=neg[0], cfg=cfg)
+    edit = wf.node("SamplerCustomAdvanced", (COL[4], 460), noise=inv_noise[0], guider=edit_guider[0],
+                   sampler=regen_sampler[0], sigmas=sigmas[0], latent_image=inv[0])
+    dec = wf.node("VAEDecode", (COL[5], 0), samples=edit[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[5], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/reversible_edit")
+    wf.group("1. Generate with the Reversible Sampler", [ckpt, src, neg, sampler, sigmas, noise, guider, empty, gen,
+                                                       image, save_gen], GROUP_COLORS["input"])
+    wf.group("2. Image -> noise (its exact inverse)", [enc, inv], GROUP_COLORS["invert"])
+    wf.group("3. Regenerate with the target prompt", [tgt, inv_noise, regen_sampler, edit_guider, edit, dec, save],
+             GROUP_COLORS["edit"])
+    wf.note(
+        "## Reversible Sampler: generate, invert, edit\n"
+        "The Reversible Sampler takes one model call per step, and its steps can be undone exactly: Invert Latent "
+        "with method **reversible** needs no solve. Its LATENT carries a second state; pass it both as "
+        "latent_image (through Inverted Noise) and as the Reversible Sampler's **second_state**.\n\n"
+        f"Keep scheduler, steps, cfg and negative as at inversion ({scheduler}, {steps}, cfg {cfg}). With the "
+        "source prompt the regeneration gives the image back; the target prompt edits it. Below 20 steps at high "
+        "cfg it samples less accurately than euler (docs/results.md#reversible-cap).",
+        (COL[5], 420), width=340, height=300)
+    return "Reversible Sampler: generate, invert, edit"
+
+
 WORKFLOWS = {
     "exact_inversion_reconstruction": reconstruction,
     "exact_inversion_prompt_edit_sd15": prompt_edit,
@@ -394,6 +444,7 @@ WORKFLOWS = {
     "rf_inversion_edit_one_node_sd3": rf_inversion_one_node,
     "tree_ring_watermark_generate_sd15": tree_ring_generate,
     "tree_ring_watermark_detect_sd15": tree_ring_detect,
+    "reversible_sampler_edit_sd15": reversible_edit,
 }
 
 

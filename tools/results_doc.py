@@ -66,6 +66,7 @@ def sampler_table(steps=20):
         out.append((f"`{sampler}`", how_inverted(sampler), f"{calls:.1f}", f"{exact} of {len(cells)}",
                     signed(statistics.median(r["regen_nmse_db"] for r in cells)),
                     signed(max(r["regen_nmse_db"] for r in cells))))
+    out += reversible_sampler_row(steps)
     naive = [r for r in rows if r["method"] == "naive" and r["steps"] == steps]
     out.append(("naive (any)", "FlipSigmas + euler, the baseline", "1.0",
                 f"{sum(r['regen_nmse_db'] <= -60 for r in naive)} of {len(naive)}",
@@ -73,6 +74,82 @@ def sampler_table(steps=20):
                 signed(max(r["regen_nmse_db"] for r in naive))))
     return table(("sampler", "inverted by", "model calls per step (median)", "cells at ≤ −60 dB",
                   "median dB", "worst dB"), out)
+
+
+def reversible_results():
+    """(file name, json) of the reversible suite: the full run where there is one, else the quick one."""
+    name = "reversible.json" if (RESULTS / "reversible.json").exists() else "reversible.quick.json"
+    return name, load(name)
+
+
+def have_reversible_results():
+    return any((RESULTS / n).exists() for n in ("reversible.json", "reversible.quick.json"))
+
+
+def pending_if_no_reversible_results(generate):
+    """A generator that writes a one-line placeholder until the reversible suite has run."""
+    def run():
+        return generate() if have_reversible_results() else "(not run yet: `make bench SUITE=reversible`)\n"
+    return run
+
+
+def reversible_sampler_row(steps):
+    """The Reversible Sampler's own row for the sampler table: its algebraic inverse on the same mixtures."""
+    if not have_reversible_results():
+        return []
+    name, data = reversible_results()
+    cells = [r for r in data["rows"] if r["part"] == "analytic" and r["method"] == "capped" and r["steps"] == steps]
+    cfgs = ", ".join(f"{c:g}" for c in sorted({r["cfg"] for r in cells}))
+    return [("Reversible Sampler", f"its algebraic inverse (cfg {cfgs}; `{name}`)",
+             f"{statistics.median(r['inverse_calls_per_step'] for r in cells):.1f}",
+             f"{sum(r['regen_nmse_db'] <= -60 for r in cells)} of {len(cells)}",
+             signed(statistics.median(r["regen_nmse_db"] for r in cells)),
+             signed(max(r["regen_nmse_db"] for r in cells)))]
+
+
+REVERSIBLE_CANDIDATES = ("capped", "capped_0.9", "capped_0.8", "capped_0.7", "o_belm", "bdia")
+
+
+def reversible_analytic_table():
+    """Sample error (NMSE to a 400-step dpmpp_2m reference) of euler and each candidate, with the spread of a
+    photo's inverted start for capped at 1 and at 0.8."""
+    rows = [r for r in reversible_results()[1]["rows"] if r["part"] == "analytic"]
+    out = []
+    for model, label in (("mixture_eps", "EPS karras"), ("mixture_flow", "flow shift 3")):
+        for steps in sorted({r["steps"] for r in rows}):
+            for cfg in sorted({r["cfg"] for r in rows if r["cfg"] >= 5}):
+                pick = {r["method"]: r for r in rows if (r["model"], r["steps"], r["cfg"]) == (model, steps, cfg)}
+                if not pick:
+                    continue
+                out.append((f"{label}, {steps}, cfg {cfg:g}", signed(pick["capped"]["euler_sample_error_db"]),
+                            *(signed(pick[m]["sample_error_db"]) for m in REVERSIBLE_CANDIDATES),
+                            f"{pick['capped']['photo_start_std_over_sigma']:g} / "
+                            f"{pick['capped_0.8']['photo_start_std_over_sigma']:g}"))
+    return table(("schedule, steps, cfg", "euler", *REVERSIBLE_CANDIDATES,
+                  "photo's start std / sigma_max, capped / capped_0.8"), out)
+
+
+def reversible_trained_table():
+    rows = [r for r in reversible_results()[1]["rows"] if r["part"] == "round_trip"]
+    return table(("model", "latent", "method", "steps", "cfg", "regenerated NMSE dB", "model calls per step",
+                  "bit-identical rerun", "inversion s"),
+                 [(r["model"], r["latent"], r["method"], r["steps"], f"{r['cfg']:g}", signed(r["regen_nmse_db"]),
+                   f"{r['calls_per_step']:.1f}", {None: "-", True: "yes", False: "no"}[r["bit_identical"]],
+                   f"{r['seconds']:.1f}") for r in rows])
+
+
+def reversible_quality_table():
+    rows = [r for r in reversible_results()[1]["rows"] if r["part"] in ("quality", "tree_ring")]
+    quality = table(("model", "steps", "cfg", "samples", "class accuracy euler", "class accuracy reversible",
+                     "mean pixel difference"),
+                    [(r["model"], r["steps"], f"{r['cfg']:g}", r["samples"], f"{r['euler_accuracy']:.2f}",
+                      f"{r['reversible_accuracy']:.2f}", f"{r['mean_pixel_difference']:.3f}")
+                     for r in rows if r["part"] == "quality"])
+    rings = table(("Tree-Ring, sd3_trained", "detection", "images per class", "AUC", "TPR at 1% FPR",
+                   "model calls per detection"),
+                  [(r["method"], r["detection"], r["n"], f"{r['auc']:.3f}", f"{r['tpr_at_1fpr']:.2f}",
+                    r["model_calls_per_detection"]) for r in rows if r["part"] == "tree_ring"])
+    return quality + "\n" + rings
 
 
 def sampler_grid():
@@ -166,7 +243,10 @@ def watermark_table():
 
 GENERATORS = {"sampler-table": sampler_table, "sampler-grid": sampler_grid, "decoder": decoder_table,
               "exact-euler50": exact_euler50_table, "exact-trained": exact_trained_table,
-              "watermark": watermark_table, "watermark-trained": watermark_trained_table}
+              "watermark": watermark_table, "watermark-trained": watermark_trained_table,
+              "reversible-analytic": pending_if_no_reversible_results(reversible_analytic_table),
+              "reversible-trained": pending_if_no_reversible_results(reversible_trained_table),
+              "reversible-quality": pending_if_no_reversible_results(reversible_quality_table)}
 
 
 def regenerate(text):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import markdown_table, publish, pyplot, save_figure
+from bench.common import markdown_table, nmse_vs_cfg_axes, publish, pyplot, save_figure
 from bench.exact.analytic import schedules
 from bench.exact.samplers import invert_cell
 from tests.support.analytic import AnalyticCFG
@@ -175,13 +175,8 @@ def plot(rows, path):
                              r["method"], r["latent"]) == (part, model, sampler, method, latent))
                 if pts:
                     ax.plot(*zip(*pts), marker, color=colour, label=f"{method}, {latent}")
-        ax.axhline(-40, color="grey", lw=0.8, ls=":")
         kind = " (closed-form model)" if part == "analytic" else " (trained weights)"
-        ax.set_title(f"{model} {sampler}{kind}", fontsize=8)
-        ax.set_xlabel("cfg")
-        ax.set_ylabel("regen NMSE dB")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        nmse_vs_cfg_axes(ax, f"{model} {sampler}{kind}", -40)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("Regenerated-latent NMSE after inversion, 10 steps: trained tiny models (CPU, fp32) "
