@@ -16,7 +16,7 @@ def _velocity_gap(model, z_edit, x0, sigma, noise, source_args):
     so that it is exactly 0 where z_edit = x0 and both predictions agree (a masked edit keeps the source there)."""
     z_src = (1 - sigma) * x0 + sigma * noise
     d_src = model(z_src, sigma, **source_args).to(x0.dtype)
-    d_tar = model(z_edit + z_src - x0, sigma).to(x0.dtype)
+    d_tar = model(z_src + (z_edit - x0), sigma).to(x0.dtype)     # = z_src exactly where nothing is edited yet
     return ((z_edit - x0) - (d_tar - d_src)) / sigma
 
 
