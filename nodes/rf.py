@@ -12,7 +12,8 @@ from comfy_api.latest import io
 
 from ..inversion_ops import rf as ops
 from ..inversion_ops.common import StepLog
-from .sampling import InversionKSampler, check_latent_channels, run_sampler
+from .sampling import (InversionKSampler, check_latent_channels, check_noise_mask, masked_start,
+                       run_sampler)
 from .sigmas import inversion_sigmas
 from .ui import CATEGORY, rf_edit_ui, schema
 
@@ -46,11 +47,12 @@ def prediction_kind(model_sampling):
     return "an unsupported parameterization"
 
 
-def check_flow_model(model_sampling):
+def check_flow_model(model_sampling, method="RF-Inversion"):
     kind = prediction_kind(model_sampling)
     if kind != "flow":
-        raise ValueError(f"RF-Inversion needs a rectified-flow model; this model predicts {kind}: "
-                         f"use Exact Inversion instead.")
+        raise ValueError(f"{method} needs a rectified-flow model; this model predicts {kind} (its model_sampling "
+                         f"is not CONST): use Invert Latent (Exact Inversion) and regenerate with the target "
+                         f"prompt instead.")
 
 
 def _check_direction(sigmas, ascending, node):
@@ -77,7 +79,9 @@ def reference_in_model_space(base_model, reference, like):
 class ControlledFlowSampler(InversionKSampler):
     """RF-Inversion's controlled flow as a SAMPLER: checks the model is a flow model and the schedule's
     direction, and moves the reverse flow's reference latent into the sampler's space for each run
-    (on a new InversionKSampler: nothing of a run is kept on this object)."""
+    (on a new InversionKSampler: nothing of a run is kept on this object). A noise_mask inverts the whole
+    latent forward, and in reverse edits only inside the mask: ComfyUI's inpainting keeps the reference
+    outside, from the same start."""
 
     def __init__(self, direction, mode="ode", log=None, **options):
         function = FUNCTIONS[(direction, mode)]
@@ -92,8 +96,13 @@ class ControlledFlowSampler(InversionKSampler):
         forward = self.direction == "forward"
         _check_direction(sigmas, forward, "RF Forward Sampler" if forward else "RF Reverse Sampler")
         options = dict(self.extra_options)
-        if not forward:
+        if forward:
+            denoise_mask = None     # the mask would blend the source back in on the way to noise
+        else:
             options["reference"] = reference_in_model_space(model_wrap.inner_model, options["reference"], latent_image)
+        if denoise_mask is not None:
+            noise, latent_image = masked_start(model_wrap.inner_model.model_sampling, sigmas[0], noise, latent_image,
+                                               options["reference"])
         return InversionKSampler(self.sampler_function, options).sample(
             model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
@@ -189,6 +198,7 @@ def rf_inversion_edit(model, source, target, negative, latent, steps, scheduler,
     (edited LATENT, forward info, reverse info)."""
     check_flow_model(model.get_model_object("model_sampling"))
     check_latent_channels(model, latent["samples"])
+    check_noise_mask(latent)
     _check_window(start, stop)
     if negative is None and cfg != 1.0:
         raise ValueError(f"cfg is {cfg}: connect a negative conditioning, or set cfg to 1 (Flux keeps cfg 1 and "
@@ -198,6 +208,8 @@ def rf_inversion_edit(model, source, target, negative, latent, steps, scheduler,
     forward_log, reverse_log = StepLog(), StepLog()
     forward = ControlledFlowSampler("forward", log=forward_log, seed=seed, gamma=gamma)
     inverted = run_sampler(model, source, source, 1.0, clean, forward, up)
+    if "noise_mask" in latent:
+        inverted["noise_mask"] = latent["noise_mask"]
     reverse = ControlledFlowSampler("reverse", log=reverse_log, seed=seed, reference=latent["samples"], eta=eta,
                                     start=start, stop=stop)
     edited = run_sampler(model, target, negative if negative is not None else target, cfg, inverted, reverse,
@@ -220,7 +232,8 @@ class RFInversionEdit(io.ComfyNode):
                 "Edits an image latent with a rectified-flow model (SD3, Flux, ...): inverts it to structured "
                 "noise with the source prompt, then regenerates with the target prompt while following the "
                 "source layout for the first steps. No training, no attention patches; model patches apply. "
-                "The latent's noise_mask is ignored."),
+                "A noise_mask on the latent (Set Latent Noise Mask) confines the edit to the mask; the rest "
+                "stays the source."),
             inputs=[
                 io.Model.Input("model", tooltip="A rectified-flow model (model_sampling CONST)."),
                 io.Conditioning.Input("source", tooltip="Describes the image as it is (or an empty prompt); "

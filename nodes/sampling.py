@@ -57,6 +57,43 @@ def check_latent_channels(model, samples, input_name="latent"):
         raise ValueError(f"{input_name} contains NaN or infinite values.")
 
 
+def check_noise_mask(latent, input_name="latent"):
+    """A noise_mask (SetLatentNoiseMask) must be one the latent can take as ComfyUI resizes masks
+    (comfy.utils.reshape_mask): finite values in [0, 1], the latent's aspect ratio, and for image
+    latents one mask or one per latent of the batch (ComfyUI would silently tile or cut the rest)."""
+    mask, samples = latent.get("noise_mask"), latent["samples"]
+    if mask is None:
+        return
+    shape, (height, width) = tuple(samples.shape), samples.shape[-2:]
+    if mask.ndim < 2 or mask.ndim > samples.ndim or mask.numel() == 0:
+        raise ValueError(f"{input_name}'s noise_mask has shape {tuple(mask.shape)}, which does not fit a latent of "
+                         f"shape {shape}: connect a MASK of the image's size to Set Latent Noise Mask.")
+    mask_h, mask_w = mask.shape[-2:]
+    if abs(mask_h * width - height * mask_w) > max(mask_w, width):
+        raise ValueError(f"{input_name}'s noise_mask is {mask_h}x{mask_w} (height x width) but the latent is "
+                         f"{height}x{width}: the mask must have the image's aspect ratio (resize or crop it).")
+    masks = mask.numel() // (mask_h * mask_w)
+    if samples.ndim == 4 and masks not in (1, samples.shape[0]):
+        raise ValueError(f"{input_name}'s noise_mask holds {masks} masks but the latent batch has "
+                         f"{samples.shape[0]}: give one mask for the batch or one per latent.")
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"{input_name}'s noise_mask must hold values in [0, 1] (1 = edit, 0 = keep the source).")
+
+
+def masked_start(model_sampling, sigma, noise, latent_image, kept):
+    """(noise, latent_image) for a masked run: it starts where InversionKSampler starts from (noise,
+    latent_image), while ComfyUI's inpainting (KSamplerX0Inpaint) keeps `kept` outside the mask.
+    noise_scaling is affine in (noise, latent): its two weights are probed at `sigma`."""
+    start = _EndSafeModelSampling(model_sampling).noise_scaling(sigma, noise, latent_image)
+    sigma = torch.as_tensor(sigma).reshape(1).to(start)
+    unit, zero = torch.ones_like(sigma).reshape(1, 1), torch.zeros_like(sigma).reshape(1, 1)
+    noise_w = float(model_sampling.noise_scaling(sigma, unit, zero))
+    kept_w = float(model_sampling.noise_scaling(sigma, zero, unit))
+    if noise_w == 1.0 and kept_w == 0.0:
+        return start.clone(), kept                 # a flow model at sigma = 1: exactly the start
+    return (start - kept_w * kept) / noise_w, kept
+
+
 def latent_weight(model_sampling, sigma):
     """How much of the input latent ComfyUI's noise_scaling keeps at `sigma` (0 for flow at 1).
     Probed on sigma's own device, so it works wherever ComfyUI put the schedule."""
@@ -147,10 +184,16 @@ def run_sampler(model, positive, negative, cfg, latent, sampler, sigmas, noise=N
     """What SamplerCustom does, for the one-node versions: conds, cfg, patches and ControlNet go
     through ComfyUI's CFGGuider, so whatever the user's graph patched into the model applies.
     Returns a new LATENT dict; the input dict and tensor are untouched."""
-    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
+    return run_guider(guider, latent, sampler, sigmas, noise, seed)
+
+
+def run_guider(guider, latent, sampler, sigmas, noise=None, seed=0):
+    """What SamplerCustomAdvanced does with `guider`, the latent's noise_mask included; a new LATENT dict."""
+    model = guider.model_patcher
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     if noise is None:
         noise = torch.zeros_like(samples)
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1, {})

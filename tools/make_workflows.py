@@ -332,6 +332,68 @@ def rf_inversion_one_node(wf):
     return "RF-Inversion (one node)"
 
 
+def _edit_prompts(wf, ckpt):
+    src = wf.node("CLIPTextEncode", (COL[1], 0), title="Source prompt (the image as it is)", extra_height=40,
+                  clip=ckpt[1], text=SOURCE_PROMPT)
+    tgt = wf.node("CLIPTextEncode", (COL[1], 220), title="Target prompt (the edit)", extra_height=40,
+                  clip=ckpt[1], text=TARGET_PROMPT)
+    return src, tgt
+
+
+def _object_mask(wf, image, y):
+    """A MASK of the image's size, 1 on the emoji (blue is low there, 1 on the white background)."""
+    blue = wf.node("ImageToMask", (COL[1], y), image=image[0], channel="blue")
+    inverted = wf.node("InvertMask", (COL[1], y + 110), mask=blue[0])
+    return [blue, inverted, wf.node("ThresholdMask", (COL[1], y + 200), mask=inverted[0], value=0.2)]
+
+
+def rf_inversion_masked(wf):
+    """6. A masked (regional) RF-Inversion edit: Set Latent Noise Mask confines the edit to the emoji."""
+    ckpt, image, enc = _load_sd3(wf)
+    src, tgt = _edit_prompts(wf, ckpt)
+    mask = _object_mask(wf, image, 440)
+    masked = wf.node("SetLatentNoiseMask", (COL[2], 440), samples=enc[0], mask=mask[-1][0])
+    edit = wf.node("RFInversionEdit", (COL[2], 0), width=320, model=ckpt[0], source=src[0], target=tgt[0],
+                   latent=masked[0])
+    dec = wf.node("VAEDecode", (COL[3], 0), samples=edit[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[3], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/rf_edit_masked")
+    wf.group("1. Image -> latent", [ckpt, image, enc], GROUP_COLORS["input"])
+    wf.group("2. Mask: where the edit may change the image", [*mask, masked], GROUP_COLORS["invert"])
+    wf.group("3. RF-Inversion Edit inside the mask", [src, tgt, edit], GROUP_COLORS["edit"])
+    wf.group("4. Output", [dec, save], GROUP_COLORS["output"])
+    wf.note(
+        "## Masked RF-Inversion Edit\n"
+        "Set Latent Noise Mask confines the edit (here to the emoji, found by its colour): outside the mask the "
+        "edited latent is the source. Any MASK of the image's size works (a painted one, Load Image's alpha); "
+        "ComfyUI resizes it to the latent. The same mask works with "
+        "the RF samplers, FlowEdit, and Invert Latent + regeneration (pass the masked source as latent_image).",
+        (COL[3], 520), width=340, height=220)
+    return "RF-Inversion (masked)"
+
+
+def flowedit(wf):
+    """7. FlowEdit: an inversion-free edit with the one-node FlowEdit."""
+    ckpt, image, enc = _load_sd3(wf)
+    src, tgt = _edit_prompts(wf, ckpt)
+    neg = wf.node("CLIPTextEncode", (COL[1], 440), title="Negative (empty)", clip=ckpt[1], text=NEGATIVE_PROMPT)
+    edit = wf.node("FlowEdit", (COL[2], 0), width=320, model=ckpt[0], source=src[0], target=tgt[0],
+                   negative=neg[0], latent=enc[0])
+    dec = wf.node("VAEDecode", (COL[3], 0), samples=edit[0], vae=ckpt[2])
+    save = wf.node("SaveImage", (COL[3], 120), extra_height=260, images=dec[0],
+                   filename_prefix="exact_inversion/flowedit")
+    wf.group("1. Image -> latent", [ckpt, image, enc], GROUP_COLORS["input"])
+    wf.group("2. FlowEdit (no inversion)", [src, tgt, neg, edit], GROUP_COLORS["edit"])
+    wf.group("3. Output", [dec, save], GROUP_COLORS["output"])
+    wf.note(
+        "## FlowEdit (flow models: SD3, Flux, Wan)\n"
+        "Edits without inverting: n_max sets how strong the edit is (steps edited, counted from the end), "
+        "target_cfg how hard it follows the target prompt. A noise_mask (Set Latent Noise Mask) confines it. "
+        "For SamplerCustomAdvanced: FlowEdit Guider + FlowEdit Sampler + BasicScheduler + DisableNoise, the "
+        "source latent as latent_image.", (COL[2], 560), width=340, height=240)
+    return "FlowEdit"
+
+
 def tree_ring_generate(wf):
     """6. Generate a Tree-Ring watermarked image: Tree-Ring Noise as SamplerCustomAdvanced's noise."""
     steps, cfg, sampler, scheduler = 20, 5.0, "euler", "normal"
@@ -442,6 +504,8 @@ WORKFLOWS = {
     "preciseinv_few_step": preciseinv_few_step,
     "rf_inversion_edit_samplers_sd3": rf_inversion_samplers,
     "rf_inversion_edit_one_node_sd3": rf_inversion_one_node,
+    "rf_inversion_edit_masked_sd3": rf_inversion_masked,
+    "flowedit_edit_sd3": flowedit,
     "tree_ring_watermark_generate_sd15": tree_ring_generate,
     "tree_ring_watermark_detect_sd15": tree_ring_detect,
     "reversible_sampler_edit_sd15": reversible_edit,
