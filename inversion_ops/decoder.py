@@ -12,7 +12,7 @@ from .solvers import SampleTracker, adam_step
 
 # Defaults and policy, read by the node.
 METHOD_NAMES = ("hybrid", "forward_step", "momentum", "adam_residual", "gradient", "encoder")   # the node's order
-METHOD = "hybrid"            # beats the gradient baseline on real photos: see docs/results.md#decoder-real
+METHOD = "hybrid"            # beats the gradient baseline on real photos: see docs/results.md#decoder-on-taef2
 MAX_ITERATIONS = 25          # updates per sample (forward_step, momentum, hybrid and the node)
 FIXED_POINT_ITERATIONS = 5   # hybrid: forward steps before the pixel finish; E(D(z)) = E(x) is reached by then
 ADAM_MAX_ITERATIONS = 100    # adam_residual / gradient called directly: the authors' schedule spans 100

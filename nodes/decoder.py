@@ -60,7 +60,8 @@ TOOLTIPS = {
         "do)."),
     "tolerance": (
         "An image stops when the RMS per element of its residual E(D(z)) - E(x) is at most this, in raw "
-        "latent units (gradient: of D(z) - x, in the VAE's [-1, 1] pixel units). 0 = run every iteration."),
+        "latent units (gradient and hybrid's finish: of D(z) - x, in the VAE's [-1, 1] pixel units). 0 = run every "
+        "iteration."),
     "precision": (
         "dtype the VAE's model runs in; the latent being updated is float32 whatever this is. auto: fp32, "
         "the most exact. A dtype other than the VAE's own runs on a temporary copy of its weights."),
