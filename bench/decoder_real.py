@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import REPO, PeakMemory, markdown_table, pyplot, save_figure, result_path, write_results
+from bench.common import REPO, PeakMemory, publish, pyplot, save_figure
 from inversion_ops.decoder import DEFAULT_STEP, MAX_ITERATIONS, METHOD, STEP_OPTION, TOLERANCE
 from tests.support.metrics import nmse_db, psnr_db
 
@@ -224,10 +224,7 @@ def main(quick=False):
              f"{MAX_ITERATIONS}, tolerance {TOLERANCE:g}; hybrid tolerance 0), gradient {s['gradient_iterations']} "
              f"iterations, best iterate. 16-bit rows (part low) at {s['low_precision_size']} px. Memory = peak "
              f"RSS above the loaded level. Summary: medians over photos. Suite wall time {time.time() - start:.0f} s.")
-    write_results("decoder_real", rows, summary, quick, notes)
-    plot(rows, result_path("decoder_real", "png", quick))
-    print(markdown_table(rows, COLUMNS))
-    print("\nsummary:", summary)
+    publish("decoder_real", rows, summary, quick, notes, lambda path: plot(rows, path), COLUMNS)
     return summary
 
 
