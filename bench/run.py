@@ -13,6 +13,7 @@ import time
 # suite -> {part: (module under bench/, result name)}; a suite of one part names it after itself
 SUITES = {
     "decoder": {"decoder": ("decoder", "decoder")},
+    "decoder_real": {"decoder_real": ("decoder_real", "decoder_real")},
     "edits": {"edits": ("edits", "edits")},
     "exact": {"euler_dpmpp": ("exact.euler_dpmpp", "exact"), "samplers": ("exact.samplers", "exact_samplers"),
               "trained": ("exact.trained", "exact_trained")},

@@ -11,14 +11,16 @@ from .common import per_sample_rms, report, work_dtype
 from .solvers import SampleTracker, adam_step
 
 # Defaults and policy, read by the node.
-METHOD_NAMES = ("forward_step", "momentum", "adam_residual", "gradient", "encoder")   # the node's order
-METHOD = "forward_step"
-MAX_ITERATIONS = 50          # updates per sample (forward_step, momentum and the node)
+METHOD_NAMES = ("hybrid", "forward_step", "momentum", "adam_residual", "gradient", "encoder")   # the node's order
+METHOD = "hybrid"            # beats the gradient baseline on real photos: see docs/results.md#decoder-on-taef2
+MAX_ITERATIONS = 25          # updates per sample (forward_step, momentum, hybrid and the node)
+FIXED_POINT_ITERATIONS = 5   # hybrid: forward steps before the pixel finish; E(D(z)) = E(x) is reached by then
 ADAM_MAX_ITERATIONS = 100    # adam_residual / gradient called directly: the authors' schedule spans 100
 TOLERANCE = 1e-4             # RMS per element of E(D(z)) - E(x), raw latent units
 GRADIENT_TOLERANCE = 0.0     # the gradient method's residual D(z) - x is in pixel units: run every iteration
-DEFAULT_STEP = {"forward_step": 0.5, "momentum": 0.5, "adam_residual": 0.01, "gradient": 0.01}
-STEP_OPTION = {"forward_step": "rho", "momentum": "rho", "adam_residual": "lr", "gradient": "lr"}
+DEFAULT_STEP = {"forward_step": 0.5, "momentum": 0.5, "adam_residual": 0.01, "gradient": 0.01, "hybrid": 0.03}
+STEP_OPTION = {"forward_step": "rho", "momentum": "rho", "adam_residual": "lr", "gradient": "lr", "hybrid": "lr"}
+AUTO_STEP_MARGIN = 0.5       # auto momentum step: at most this fraction of Theorem 2's bound
 MOMENTUM = 0.3               # inertia alpha, inside Theorem 2 with rho 0.5: see docs/results.md#momentum
 COCOERCIVITY = 1.0           # beta: exact when E is D's left-inverse, an assumption for a real VAE
 ADAM_EPS = 1e-8              # Adam's moments are float32, so 1e-8 does not underflow
@@ -41,6 +43,12 @@ def authors_lr(i, max_iterations, lr):
 def inertial_km_max_rho(alpha, beta=COCOERCIVITY):
     """Largest rho = 2*lambda*beta that Theorem 2 allows: lambda < (1 - alpha)^2 / (1 - alpha + 2 alpha^2)."""
     return 2 * beta * (1 - alpha) ** 2 / (1 - alpha + 2 * alpha ** 2)
+
+
+def auto_momentum_step(alpha, beta=COCOERCIVITY):
+    """The momentum method's step for step_size 0: the default, shrunk to AUTO_STEP_MARGIN of Theorem 2's
+    bound where alpha makes that bound smaller, so every alpha in [0, 1) runs."""
+    return min(DEFAULT_STEP["momentum"], AUTO_STEP_MARGIN * inertial_km_max_rho(alpha, beta))
 
 
 def check_inertial_km(alpha, rho, beta=COCOERCIVITY):
@@ -184,9 +192,38 @@ def invert_gradient(encode, decode, x, callback=None, disable=None, *, max_itera
     max_iterations//10). The residual is D(z) - x, so `tolerance` is in pixel units. Gradients go to z only."""
     warmup = max(1, max_iterations // 10) if warmup is None else warmup
     _check_options(max_iterations, tolerance, patience, lr=lr, eps=eps, warmup=warmup)
+    with torch.no_grad():
+        _, z0, _ = _start(encode, x, dtype)
+    return _pixel_adam(decode, x, z0, callback, max_iterations, lr, warmup, eps, tolerance, patience, dtype)
+
+
+def invert_hybrid(encode, decode, x, callback=None, disable=None, *, max_iterations=MAX_ITERATIONS,
+                  fixed_point_iterations=FIXED_POINT_ITERATIONS, rho=DEFAULT_STEP["forward_step"],
+                  lr=DEFAULT_STEP["hybrid"], eps=ADAM_EPS, tolerance=GRADIENT_TOLERANCE, patience=None, dtype=None):
+    """Forward steps to the encoder's fixed point E(D(z)) = E(x) (gradient-free, cheap), then Adam on
+    ||D(z) - x||^2 for the remaining updates, cosine-decayed from `lr` without warm-up: the finish recovers
+    what the encoder cannot see. `tolerance` (pixel units) applies to the finish."""
+    _check_options(max_iterations, tolerance, patience, rho=rho, lr=lr, eps=eps)
+    first = min(fixed_point_iterations, max_iterations)
+    offset = {"i": 0, "model_calls": 0, "model_calls_backward": 0}
+
+    def counted_on(d):
+        if callback is not None:
+            callback({**d, **{k: d[k] + v for k, v in offset.items()}})
+    z = invert_forward_step(encode, decode, x, counted_on, disable, max_iterations=first, rho=rho, tolerance=0.0,
+                            dtype=dtype)
+    if first == max_iterations:
+        return z
+    offset.update(i=first + 1, model_calls=2 * (first + 1))   # the finish's own count starts at E(x)'s 1
+    return _pixel_adam(decode, x, z, counted_on, max_iterations - first, lr, 1, eps, tolerance, patience, dtype)
+
+
+def _pixel_adam(decode, x, z0, callback, max_iterations, lr, warmup, eps, tolerance, patience, dtype):
+    """Adam on ||D(z) - x||^2 from z0 with `cosine_warmup_lr`; gradients go to z only."""
+    dtype = x.dtype if dtype is None else dtype
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
-            x, z0, dtype = _start(encode, x.clone(), dtype)   # clones outside inference mode are normal tensors
+            x, z0 = x.clone().to(work_dtype(x)), z0.clone()    # clones outside inference mode are normal tensors
 
         def evaluate(z, m, v, rows):
             z.requires_grad_(True)
@@ -202,8 +239,38 @@ def invert_gradient(encode, decode, x, callback=None, disable=None, *, max_itera
                         calls=(1, 1))
 
 
+class _Recomputed(torch.nn.Module):
+    """Layers whose activations are recomputed in the backward pass instead of kept (torch.utils.checkpoint)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return self.layers(x)
+        return torch.utils.checkpoint.checkpoint(self.layers, x, use_reentrant=False)
+
+
+def checkpointed(module):
+    """A copy of `module` whose nn.Sequential parts run as about sqrt(n) recomputed segments: a VJP through it
+    keeps one segment's activations at a time, not the whole network's. Weights are shared with `module`,
+    which is left as it came; a Sequential subclass keeps its own forward."""
+    import copy
+    import torch.utils.checkpoint   # noqa: F401  (torch.utils.checkpoint is a lazy submodule)
+    out = copy.copy(module)
+    layers = list(module._modules.values())
+    if isinstance(module, torch.nn.Sequential) and len(layers) > 2:
+        size = math.ceil(len(layers) / round(math.sqrt(len(layers))))
+        out._modules = {str(k): _Recomputed(layers[i:i + size]) for k, i in enumerate(range(0, len(layers), size))}
+    else:
+        out._modules = {name: checkpointed(child) for name, child in module._modules.items()}
+    return out
+
+
 METHODS = {
     "encoder": invert_encoder,
+    "hybrid": invert_hybrid,
     "gradient": invert_gradient,
     "forward_step": invert_forward_step,
     "momentum": invert_momentum,

@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from ..inversion_ops.common import StepLog
 from ..inversion_ops.decoder import (
     AUTO_DTYPE, DEFAULT_STEP, MAX_ITERATIONS, METHOD, METHOD_NAMES, METHODS, MOMENTUM, STEP_OPTION, TOLERANCE,
-    check_inertial_km,
+    auto_momentum_step, check_inertial_km, checkpointed,
 )
 from .sampling import to_intermediate
 from .ui import decoder_inversion_ui, schema
@@ -38,6 +38,8 @@ TOOLTIPS = {
     "vae": "The VAE whose decoder should reproduce the image. It is not modified.",
     "image": "Images to invert (a batch is inverted sample by sample in one run).",
     "method": (
+        "hybrid: a few forward steps, then Adam on ||D(z) - x||^2 with the decoder's backward pass recomputed "
+        "in segments (most exact per second, moderate memory). "
         "forward_step: z <- z - step*(E(D(z)) - E(x)), no gradients (fast, low memory). "
         "momentum: the same with inertia (inertial Krasnoselskii-Mann, Theorem 2). "
         "adam_residual: the authors' released variant (Adam on that residual). "
@@ -49,14 +51,17 @@ TOOLTIPS = {
     "step_size": (
         f"0 = the method's default: step {DEFAULT_STEP['forward_step']} for forward_step and momentum (must stay "
         f"below 2 for an encoder that inverts the decoder), Adam learning rate {DEFAULT_STEP['adam_residual']} "
-        f"for adam_residual and gradient."),
+        f"for adam_residual and gradient, {DEFAULT_STEP['hybrid']} for hybrid's finish. momentum: the default "
+        "step, shrunk where the momentum input needs a smaller one to satisfy Theorem 2."),
     "momentum": (
-        "Inertia alpha of the momentum method; with step s it must satisfy "
+        "Inertia alpha of the momentum method; with step_size 0 the step is chosen to satisfy Theorem 2, a "
+        "step s you set must satisfy "
         f"s/2*(1 - alpha + 2 alpha^2) < (1 - alpha)^2 (the defaults {MOMENTUM} / {DEFAULT_STEP['momentum']} "
         "do)."),
     "tolerance": (
         "An image stops when the RMS per element of its residual E(D(z)) - E(x) is at most this, in raw "
-        "latent units (gradient: of D(z) - x, in the VAE's [-1, 1] pixel units). 0 = run every iteration."),
+        "latent units (gradient and hybrid's finish: of D(z) - x, in the VAE's [-1, 1] pixel units). 0 = run every "
+        "iteration."),
     "precision": (
         "dtype the VAE's model runs in; the latent being updated is float32 whatever this is. auto: fp32, "
         "the most exact. A dtype other than the VAE's own runs on a temporary copy of its weights."),
@@ -119,6 +124,7 @@ def method_options(method, max_iterations, step_size, momentum, tolerance):
     options = dict(max_iterations=max_iterations, tolerance=tolerance,
                    **{STEP_OPTION[method]: step_size or DEFAULT_STEP[method]})
     if method == "momentum":
+        options["rho"] = step_size or auto_momentum_step(momentum)
         try:
             check_inertial_km(momentum, options["rho"])
         except ValueError as e:
@@ -140,8 +146,11 @@ def invert_image(vae, image, method=METHOD, max_iterations=MAX_ITERATIONS, step_
     dtype = resolve_precision(vae, method, precision)
     pixels = prepare_pixels(vae, image)
     batch = images_per_run or _images_per_run(vae, pixels, dtype)
-    model = _model_in(vae, dtype, autograd=method == "gradient")
-    evaluations = 1 if method == "encoder" else max_iterations + 1
+    autograd = method in ("gradient", "hybrid")
+    model = _model_in(vae, dtype, autograd)
+    if method == "hybrid":
+        model = checkpointed(model)   # the finish's VJP holds one segment's activations at a time
+    evaluations = {"encoder": 1, "hybrid": max_iterations + 2}.get(method, max_iterations + 1)
     if tile is None:
         runs = -(-pixels.shape[0] // batch)
         run = _Runs(METHODS[method], model, vae.device, dtype, options, _progress(runs * evaluations, callback))

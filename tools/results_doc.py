@@ -174,6 +174,16 @@ def decoder_table():
                    r["iterations"]) for r in rows])
 
 
+def decoder_real_table():
+    """taef2 on real photos, fp32 rows (the full run's file once it exists, else the quick run's)."""
+    name = "decoder_real.json" if (RESULTS / "decoder_real.json").exists() else "decoder_real.quick.json"
+    rows = [r for r in load(name)["rows"] if r["dtype"] == "fp32" and r["part"] in ("photo", "protocol")]
+    return table(("part", "px", "method", "median PSNR dB", "median NMSE_z dB", "s", "extra MB"),
+                 [(r["part"], r["size"], r["label"], f"{r['psnr_db']:.2f}",
+                   "" if r["nmse_db"] is None else signed(r["nmse_db"]), f"{r['seconds']:.1f}",
+                   f"{r['peak_mem_mb']:.0f}") for r in rows])
+
+
 EXACT_METHODS = {"naive": "naive (FlipSigmas + euler)", "exact_anderson": "exact, Anderson",
                  "exact_fixed_point": "exact, paper's fixed point"}
 
@@ -241,7 +251,7 @@ def watermark_table():
     return table(("sampler", "method", "attack", "AUC", "TPR at 1% FPR", "model calls per detection"), out)
 
 
-GENERATORS = {"sampler-table": sampler_table, "sampler-grid": sampler_grid, "decoder": decoder_table,
+GENERATORS = {"sampler-table": sampler_table, "sampler-grid": sampler_grid, "decoder": decoder_table, "decoder-real": decoder_real_table,
               "exact-euler50": exact_euler50_table, "exact-trained": exact_trained_table,
               "watermark": watermark_table, "watermark-trained": watermark_trained_table,
               "reversible-analytic": pending_if_no_reversible_results(reversible_analytic_table),

@@ -15,8 +15,8 @@ from torch.overrides import TorchFunctionMode
 
 from inversion_ops.common import StepLog, per_sample_rms
 from inversion_ops.decoder import (
-    METHODS, check_inertial_km, inertial_km_max_rho, invert_adam_residual, invert_encoder, invert_forward_step,
-    invert_gradient, invert_momentum,
+    DEFAULT_STEP, METHODS, auto_momentum_step, check_inertial_km, checkpointed, inertial_km_max_rho,
+    invert_adam_residual, invert_encoder, invert_forward_step, invert_gradient, invert_hybrid, invert_momentum,
 )
 from tests.support.analytic import LinearVAE
 from tests.support.emulated_device import DEVICE, EmulatedDevice
@@ -293,3 +293,49 @@ def test_every_tensor_stays_on_the_input_device(name, device):
         assert torch.equal(z, on_cpu)
     else:
         torch.testing.assert_close(z, on_cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_momentum_step_satisfies_theorem_2_for_every_widget_momentum():
+    # the node's momentum widget spans [0, 0.99] in steps of 0.01; step_size 0 must run at every one
+    for k in range(100):
+        alpha = k / 100
+        rho = auto_momentum_step(alpha)
+        check_inertial_km(alpha, rho)
+        assert 0 < rho <= DEFAULT_STEP["momentum"]
+    assert auto_momentum_step(0.3) == DEFAULT_STEP["momentum"]     # the default pair keeps the paper's step
+
+
+def test_hybrid_finish_lowers_the_pixel_error_below_the_fixed_point():
+    # a rank-deficient view: the encoder sees only half of the pixels, so E(D(z)) = E(x) leaves the other
+    # half's error, which only the pixel finish (the decoder's VJP) can see
+    vae, encode = perturbed_linear_vae()
+    z_true, x = ground_truth(vae, n=2)
+    half = torch.ones_like(x)
+    half[:, x.shape[1] // 2:] = 0
+
+    def blind_encode(image):
+        return encode(image * half)
+    fixed, _ = run(invert_forward_step, blind_encode, vae.decode, x, max_iterations=5, tolerance=0.0)
+    z, log = run(invert_hybrid, blind_encode, vae.decode, x, max_iterations=40, fixed_point_iterations=5)
+    pixel = lambda zz: per_sample_rms(vae.decode(zz) - x).max().item()   # noqa: E731
+    assert pixel(z) < 0.5 * pixel(fixed)
+    assert [d["i"] for d in log.records] == list(range(len(log.records)))    # one count over both phases
+    calls = [d["model_calls"] for d in log.records]
+    assert calls == sorted(calls) and log.model_calls_backward == 35
+
+
+def test_checkpointed_copy_gives_the_same_gradient_and_leaves_the_module_alone():
+    class Shifted(torch.nn.Sequential):          # a Sequential subclass with its own forward, as TAESD's
+        def forward(self, x):
+            return super().forward(x + 1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), Shifted(*[torch.nn.Linear(4, 4) for _ in range(9)]))
+    net.requires_grad_(False)
+    copy = checkpointed(net)
+    z = torch.randn(3, 4)
+    grads = []
+    for module in (net, copy):
+        zz = z.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(module(zz).pow(2).sum(), zz)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert len(net[1]) == 9 and len(copy[1]) == 3 and type(copy[1]) is Shifted
