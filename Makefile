@@ -31,7 +31,7 @@ dataset:
 
 # Retrain the tiny models in models/ from the emoji set on this CPU (about 70 minutes; models/README.md).
 models: dataset
-	@set -e; $(PROVISION); for stage in vae vae16 embed eps flow plot; do "$$COMFY_PYTHON" tools/train_models.py $$stage; done
+	@set -e; $(PROVISION); for stage in vae vae16 embed eps flow flux2 plot; do "$$COMFY_PYTHON" tools/train_models.py $$stage; done
 
 # On a machine with internet: ComfyUI's tree and the wheels a GPU machine lacks, into .gpu_bundle/.
 gpu-bundle:

@@ -471,7 +471,7 @@ def main():
 
 RECIPE = {"vae": dict(minutes=20, lr=1e-3, batch=16), "vae16": dict(minutes=4, lr=5e-4, batch=16),
           "eps": dict(minutes=25, lr=5e-4, batch=16), "flow": dict(minutes=12, lr=1e-3, batch=32),
-          "flux2": dict(minutes=35, lr=1e-3, batch=16)}
+          "flux2": dict(minutes=30, lr=1e-3, batch=8)}
 STAGES = {"vae": stage_vae, "vae16": stage_vae16, "embed": stage_embed, "eps": stage_eps, "flow": stage_flow,
           "flux2": stage_flux2, "plot": stage_plot}
 
