@@ -104,3 +104,19 @@ def test_tree_ring_marks_and_detects_a_channel_beyond_sd3s_16(comfy, flux2):
     assert result.ok, result.error
     p = {kind: result.outputs[node]["tree_ring"][0]["p_value"] for kind, node in detect.items()}
     assert p["marked"] < 0.01 < p["clean"], p
+
+
+def test_trained_file_is_detected_as_flux2_and_conditioned_as_in_training(comfy, flux2):
+    import comfy.latent_formats
+    import comfy.supported_models
+    from tests.support.flux2 import flux2_conditioning, load_flux2
+    from tests.support.tiny_models import caption_embeddings
+    model, clip, _ = load_flux2(trained=True)
+    assert type(model.model.model_config) is comfy.supported_models.Flux2
+    assert isinstance(model.model.latent_format, comfy.latent_formats.Flux2)
+    assert model.model.diffusion_model.img_in.weight.shape[1] == 128
+    # what CLIPLoader + CLIPTextEncode give a user is what tools/train_models.py trained on
+    trained = caption_embeddings("sd15", ("cat face",))["cond"]
+    cond = flux2_conditioning(clip, "cat face")
+    assert cond[0][1]["guidance"] == 4.0
+    assert torch.allclose(cond[0][0].float(), trained, atol=1e-3)

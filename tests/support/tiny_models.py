@@ -55,7 +55,7 @@ WAN21_CONFIG = {   # detection reads heads as dim // 128, layers and widths from
 FLUX2_CONFIG = {
     "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
     "context_in_dim": SD15_CONTEXT_DIM, "hidden_size": 128, "mlp_ratio": 3.0, "num_heads": 1,
-    "depth": 1, "depth_single_blocks": 2, "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1,
+    "depth": 1, "depth_single_blocks": 1, "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1,
     "qkv_bias": False, "guidance_embed": True, "txt_ids_dims": [3], "global_modulation": True,
     "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
 }
@@ -121,7 +121,9 @@ def has_flux2():
 def flux2_state_dict(seed=SEED):
     """A FLUX.2-layout transformer (no prefix), the start of the trained tiny FLUX.2 (tools/train_models.py)."""
     import comfy.supported_models as sm
-    return _strip(_model_state_dict(sm.Flux2, FLUX2_CONFIG, seed + 2), "model.diffusion_model.")
+    sd = _strip(_model_state_dict(sm.Flux2, FLUX2_CONFIG, seed + 2), "model.diffusion_model.")
+    sd["final_layer.linear.weight"].zero_()    # the model starts by predicting zero velocity (as DiTs start)
+    return sd
 
 
 def wan21_state_dict(seed=SEED):
