@@ -62,7 +62,8 @@ def main(quick):
             summary[f"flux2_{name}_class_accuracy"] = round(hits.mean().item(), 3)
             summary[f"flux2_{name}_seconds"] = round(time.time() - start, 1)
             print(f"{name}: class accuracy {hits.mean().item():.3f} over {hits.numel()} samples", flush=True)
-            save_grid(result_path(f"models_flux2_{name}", "png", quick), EVAL_CAPTIONS, real128, samples[:, :4].cpu(),
+            save_grid(result_path(f"models_flux2_{name}", "png", quick), EVAL_CAPTIONS,
+                      F.interpolate(real128, size=(SIZE, SIZE), mode="nearest"), samples[:, :4].cpu(),
                       f"tiny FLUX.2 ({name}): {SAMPLER} {STEPS} steps, {SIZE} px, seed 1000, one batch")
     summary["flux2_class_accuracy"] = summary["flux2_trained_cfg5_class_accuracy"]
     notes = (f"CPU float32, ComfyUI 0.33; the trained tiny FLUX.2-layout model + taef2 against its random-weight "
