@@ -114,8 +114,13 @@ def sd3_mmdit_state_dict(seed=SEED):
 
 def has_flux2():
     """None where this ComfyUI builds FLUX.2 models, else the one-line reason a test skips."""
+    import dataclasses
+    import comfy.ldm.flux.model
     import comfy.supported_models as sm
-    return None if hasattr(sm, "Flux2") else "this ComfyUI has no FLUX.2 model class (added after 0.3.75)"
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if not hasattr(sm, "Flux2") or not {"txt_ids_dims", "global_modulation", "ops_bias"} <= fields:
+        return "this ComfyUI cannot build the FLUX.2 layout this model uses (ComfyUI 0.33 or later can)"
+    return None
 
 
 def flux2_state_dict(seed=SEED):
