@@ -35,9 +35,9 @@ bench:
 dataset:
 	@set -e; $(PROVISION); "$$COMFY_PYTHON" tools/emoji_dataset.py
 
-# Retrain the tiny models in models/ from the emoji set on this CPU (about 70 minutes; models/README.md).
+# Retrain the tiny models in models/ from the emoji set on this CPU (about 90 minutes; flux2 needs ComfyUI 0.33 and taef2; models/README.md).
 models: dataset
-	@set -e; $(PROVISION); for stage in vae vae16 embed eps flow plot; do "$$COMFY_PYTHON" tools/train_models.py $$stage; done
+	@set -e; $(PROVISION); for stage in vae vae16 embed eps flow flux2 plot; do "$$COMFY_PYTHON" tools/train_models.py $$stage; done
 
 # On a machine with internet: ComfyUI's tree and the wheels a GPU machine lacks, into .gpu_bundle/.
 gpu-bundle:

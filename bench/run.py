@@ -17,12 +17,13 @@ SUITES = {
     "edits": {"edits": ("edits", "edits")},
     "exact": {"euler_dpmpp": ("exact.euler_dpmpp", "exact"), "samplers": ("exact.samplers", "exact_samplers"),
               "trained": ("exact.trained", "exact_trained")},
-    "models": {"models": ("models", "models")},
+    "models": {"models": ("models", "models"), "flux2": ("models_flux2", "models_flux2")},
     "preciseinv": {"preciseinv": ("preciseinv", "preciseinv")},
     "reversible": {"reversible": ("reversible", "reversible")},
     "rf": {"rf": ("rf", "rf")},
     "watermark": {"watermark": ("watermark", "watermark")},
     "watermark_trained": {"watermark_trained": ("watermark_trained", "watermark_trained")},
+    "watermark_real": {"watermark_real": ("watermark_real", "watermark_real")},
 }
 
 

@@ -44,6 +44,22 @@ def to_uint8(images):
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
+def encode_route(decoder_nodes, vae, latents, route, attack_name):
+    """Each set's latent as the detector sees it after `route` (and the attack on its 8-bit image), and the
+    seconds spent encoding."""
+    rng, encoded, seconds = np.random.default_rng(1), {}, 0.0
+    for kind, z in latents.items():
+        if route == "latent":
+            encoded[kind] = z
+            continue
+        pixels = attack(to_uint8(vae.decode(z)), attack_name, rng)
+        image = torch.from_numpy(pixels).float() / 255
+        start = time.perf_counter()
+        encoded[kind] = vae.encode(image) if route == "vae_encode" else decoder_nodes.invert_image(vae, image)[0]
+        seconds += time.perf_counter() - start
+    return encoded, seconds
+
+
 def run(runtime, n, cells):
     import comfy.sample
     import comfy.samplers
@@ -66,17 +82,7 @@ def run(runtime, n, cells):
                 latents[sampler_name] = {kind: sampling.run_sampler(
                     model, prompt, empty, CFG, {"samples": zero}, comfy.samplers.sampler_object(sampler_name), sigmas,
                     noise=noise[kind])["samples"] for kind in noise}
-        rng = np.random.default_rng(1)
-        encoded, encode_seconds = {}, 0.0
-        for kind, z in latents[sampler_name].items():
-            if route == "latent":
-                encoded[kind] = z
-                continue
-            pixels = attack(to_uint8(vae.decode(z)), attack_name, rng)
-            image = torch.from_numpy(pixels).float() / 255
-            start = time.perf_counter()
-            encoded[kind] = vae.encode(image) if route == "vae_encode" else decoder_nodes.invert_image(vae, image)[0]
-            encode_seconds += time.perf_counter() - start
+        encoded, encode_seconds = encode_route(decoder_nodes, vae, latents[sampler_name], route, attack_name)
         for method in ("naive", "exact"):
             detections, calls, seconds = {}, 0, encode_seconds
             for kind, z in encoded.items():
@@ -97,7 +103,7 @@ def run(runtime, n, cells):
     return rows, curves
 
 
-def plot(curves, path):
+def plot(curves, path, title=None):
     plt = pyplot()
     panels = sorted({(s, r, a) for s, r, a, _ in curves})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.5), squeeze=False)
@@ -112,8 +118,8 @@ def plot(curves, path):
         ax.set_ylabel("true-positive rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Tree-Ring detection ROC on the trained tiny SD3-layout model (cfg {CFG:g} generation, empty prompt "
-                 "cfg 1 detection)", fontsize=9)
+    fig.suptitle(title or f"Tree-Ring detection ROC on the trained tiny SD3-layout model (cfg {CFG:g} generation, "
+                          "empty prompt cfg 1 detection)", fontsize=9)
     save_figure(fig, path, dpi=100)
 
 

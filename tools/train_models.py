@@ -7,6 +7,8 @@ Stages (each deterministic for a given machine and thread count; seeds fixed, CP
   embed      caption embeddings through the CLIP-L that the tiny checkpoints carry (cache only)
   eps        SD1.5-layout EPS UNet on the 4-channel latents                models/tiny_sd15_trained_delta.safetensors
   flow       SD3-layout MMDiT (rectified flow) on the 16-channel latents  models/tiny_sd3_trained.safetensors
+  flux2      FLUX.2-layout transformer on taef2's packed 128-channel latents of the images at 256 px
+             (ComfyUI 0.33 or later, the taef2 weights in ../shared)   models/tiny_flux2_trained.safetensors
 The recipe, budgets and loss curves are in models/README.md; `bench/models.py` measures the results.
 
 Usage: $COMFY_PYTHON tools/train_models.py STAGE [--minutes M | --steps N] (after `make dataset`); the defaults
@@ -271,9 +273,21 @@ def training_latents(layout):
     from tests.support.tiny_models import trained_vae_state_dict
     files, captions, pixels = load_emoji()
     index = [captions.index(c) for c in EVAL_CAPTIONS]
+    if layout == "flux2":
+        return taef2_latents(pixels[index])
     vae = comfy.sd.VAE(sd=trained_vae_state_dict(16 if layout == "sd3" else 4))
     with torch.no_grad():
         return vae.encode(pixels[index].float().div(255).movedim(1, -1)).detach()
+
+
+def taef2_latents(pixels_u8, size=256):
+    """The images upscaled to `size` px and encoded by FLUX.2's tiny autoencoder through ComfyUI's VAELoader."""
+    import nodes
+    from tests.support.real_weights import register_taef2
+    vae = nodes.VAELoader().load_vae(register_taef2())[0]
+    x = F.interpolate(pixels_u8.float() / 255, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        return vae.encode(x.movedim(1, -1)).detach().float()
 
 
 def diffusion_batch(latents, cond, pooled, g, batch, drop=0.1):
@@ -284,7 +298,7 @@ def diffusion_batch(latents, cond, pooled, g, batch, drop=0.1):
     return latents[idx], cond[text], pooled[text]
 
 
-def diffusion_setup(layout, config_cls, unet_config, state_dict, seed):
+def diffusion_setup(layout, config_cls, unet_config, state_dict, seed, text_layout=None):
     """(generator, ComfyUI BaseModel with `state_dict` loaded, model-space latents, cond, pooled) for a stage:
     the model built through ComfyUI's config as the checkpoints are, the eval captions' latents and prompts."""
     from tests.support.tiny_models import caption_embeddings
@@ -295,7 +309,7 @@ def diffusion_setup(layout, config_cls, unet_config, state_dict, seed):
     base = cfg.get_model({})
     base.diffusion_model.load_state_dict(state_dict, strict=True)
     latents = base.process_latent_in(training_latents(layout)).detach()
-    emb = caption_embeddings(layout, ("",) + EVAL_CAPTIONS)
+    emb = caption_embeddings(text_layout or layout, ("",) + EVAL_CAPTIONS)
     return g, base, latents, emb["cond"].detach(), emb["pooled"].detach()
 
 
@@ -355,18 +369,12 @@ def stage_flow(a):
     from tests.support.tiny_models import SD3_MMDIT_CONFIG, SD3_TRAINED, _strip, sd3_mmdit_state_dict
     g, base, latents, cond, pooled = diffusion_setup(
         "sd3", sm.SD3, SD3_MMDIT_CONFIG, _strip(sd3_mmdit_state_dict(), "model.diffusion_model."), a.seed + 3)
-    ms = base.model_sampling
     print(f"[flow] {len(latents)} latents {tuple(latents.shape[1:])}, std {latents.std():.3f}; "
           f"{sum(p.numel() for p in base.diffusion_model.parameters()) / 1e6:.2f} M parameters", flush=True)
 
     def loss_fn(step):
         x0, c, y = diffusion_batch(latents, cond, pooled, g, a.batch)
-        sigma = torch.sigmoid(torch.randn(len(x0), generator=g))          # logit-normal, as SD3 trains
-        eps = torch.randn(x0.shape, generator=g)
-        s = sigma[:, None, None, None]
-        x = (1 - s) * x0 + s * eps
-        v = base.diffusion_model(ms.calculate_input(sigma, x), ms.timestep(sigma), context=c, y=y)
-        return F.mse_loss(v, eps - x0)
+        return velocity_loss(base, x0, g, context=c, y=y)
 
     curve, steps, wall = train_loop("flow", list(base.diffusion_model.parameters()), loss_fn, a.minutes, a.lr,
                                     steps=a.steps)
@@ -374,12 +382,59 @@ def stage_flow(a):
     save_curve("flow", curve, steps=steps, seconds=round(wall), threads=torch.get_num_threads(), batch=a.batch, lr=a.lr)
 
 
+def velocity_loss(base, x0, g, **kwargs):
+    """Rectified-flow velocity MSE at logit-normal sigmas (as SD3 and FLUX train), through ComfyUI's
+    model_sampling; `kwargs` go to the diffusion model."""
+    ms = base.model_sampling
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=g))
+    eps = torch.randn(x0.shape, generator=g)
+    s = sigma[:, None, None, None]
+    x = (1 - s) * x0 + s * eps
+    v = base.diffusion_model(ms.calculate_input(sigma, x), ms.timestep(sigma), **kwargs)
+    return F.mse_loss(v, eps - x0)
+
+
+def stage_flux2(a):
+    """FLUX.2 layout: CLIP-L's 77x768 output padded to 512 tokens by ComfyUI's own Flux2.extra_conds; the
+    guidance embedding sees a random guidance per sample (there is no teacher to distill), so any value works."""
+    import comfy.model_management
+    import comfy.supported_models as sm
+    from tests.support.flux2 import flux2_missing_reason
+    from tests.support.tiny_models import FLUX2_CONFIG, FLUX2_TRAINED, flux2_state_dict
+    if flux2_missing_reason():      # `make models` on ComfyUI 0.3.75 trains the other stages
+        print(f"[flux2] skipped: {flux2_missing_reason()}", flush=True)
+        return
+    start = flux2_state_dict()
+    if a.init:                      # continue from a saved file (models/README.md says which runs made it)
+        from safetensors.torch import load_file
+        start = {k: v.float() for k, v in load_file(a.init).items()}
+    g, base, latents, cond, _ = diffusion_setup("flux2", sm.Flux2, FLUX2_CONFIG, start, a.seed + 2 + a.part,
+                                                text_layout="sd15")
+    cond = base.extra_conds(cross_attn=cond, noise=latents[:1], device="cpu")["c_crossattn"].cond
+    net = base.diffusion_model.requires_grad_(True)
+    comfy.model_management.in_training = True     # ComfyUI's differentiable RoPE path
+    print(f"[flux2] {len(latents)} latents {tuple(latents.shape[1:])}, mean {latents.mean():.3f} std "
+          f"{latents.std():.3f}; {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", flush=True)
+
+    def loss_fn(step):
+        x0, c, _ = diffusion_batch(latents, cond, cond[:, :1, :1], g, a.batch)
+        guidance = 1 + 5 * torch.rand(len(x0), generator=g)
+        # ComfyUI's blocks add in place; saved tensors are copied so that autograd can use them
+        with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t):
+            return velocity_loss(base, x0, g, context=c, guidance=guidance)
+
+    curve, steps, wall = train_loop("flux2", list(net.parameters()), loss_fn, a.minutes, a.lr, steps=a.steps)
+    save_fp16(net.state_dict(), FLUX2_TRAINED, "FLUX.2-layout tiny transformer on taef2 latents; see models/README.md")
+    save_curve("flux2" if not a.part else f"flux2_part{a.part}", curve, steps=steps, seconds=round(wall),
+               threads=torch.get_num_threads(), batch=a.batch, lr=a.lr, init=os.path.basename(a.init or "seeded"))
+
+
 def stage_plot(a):
     """models/loss_curves.png from models/curves/*.json (a running mean over 50 steps)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [n for n in ("vae", "vae16", "eps", "flow") if os.path.exists(os.path.join(MODELS, "curves", f"{n}.json"))]
+    names = [n for n in ("vae", "vae16", "eps", "flow", "flux2") if os.path.exists(os.path.join(MODELS, "curves", f"{n}.json"))]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
     for ax, name in zip(np.atleast_1d(axes), names):
         with open(os.path.join(MODELS, "curves", f"{name}.json")) as f:
@@ -408,6 +463,8 @@ def main():
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="flux2: start from this safetensors file instead of the seeded model")
+    p.add_argument("--part", type=int, default=0, help="flux2: the number of this continuation run (seed and curve)")
     a = p.parse_args()
     for key, value in RECIPE.get(a.stage, {}).items():   # what made the committed files (models/README.md)
         if getattr(a, key) is None:
@@ -418,9 +475,10 @@ def main():
 
 
 RECIPE = {"vae": dict(minutes=20, lr=1e-3, batch=16), "vae16": dict(minutes=4, lr=5e-4, batch=16),
-          "eps": dict(minutes=25, lr=5e-4, batch=16), "flow": dict(minutes=12, lr=1e-3, batch=32)}
+          "eps": dict(minutes=25, lr=5e-4, batch=16), "flow": dict(minutes=12, lr=1e-3, batch=32),
+          "flux2": dict(minutes=22, lr=2e-3, batch=8)}
 STAGES = {"vae": stage_vae, "vae16": stage_vae16, "embed": stage_embed, "eps": stage_eps, "flow": stage_flow,
-          "plot": stage_plot}
+          "flux2": stage_flux2, "plot": stage_plot}
 
 if __name__ == "__main__":
     main()

@@ -50,6 +50,15 @@ WAN21_CONFIG = {   # detection reads heads as dim // 128, layers and widths from
     "ffn_dim": 256, "freq_dim": 256, "text_dim": WAN21_CONTEXT_DIM, "out_dim": 16, "num_heads": 1,
     "num_layers": 1, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
 }
+# FLUX.2 layout (what model_detection reads back as "flux2"): 128-channel packed latents, patch 1, global
+# modulation, no biases, heads of 128 (axes 4 x 32); CLIP-L's 768-wide output as the text input.
+FLUX2_CONFIG = {
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+    "context_in_dim": SD15_CONTEXT_DIM, "hidden_size": 128, "mlp_ratio": 3.0, "num_heads": 1,
+    "depth": 1, "depth_single_blocks": 1, "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1,
+    "qkv_bias": False, "guidance_embed": True, "txt_ids_dims": [3], "global_modulation": True,
+    "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+}
 FLUX_CONFIG = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": FLUX_POOLED_DIM,
     "context_in_dim": FLUX_CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
@@ -101,6 +110,25 @@ def sd15_unet_state_dict(seed=SEED):
 def sd3_mmdit_state_dict(seed=SEED):
     import comfy.supported_models as sm
     return _model_state_dict(sm.SD3, SD3_MMDIT_CONFIG, seed + 3)
+
+
+def has_flux2():
+    """None where this ComfyUI builds FLUX.2 models, else the one-line reason a test skips."""
+    import dataclasses
+    import comfy.ldm.flux.model
+    import comfy.supported_models as sm
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if not hasattr(sm, "Flux2") or not {"txt_ids_dims", "global_modulation", "ops_bias"} <= fields:
+        return "this ComfyUI cannot build the FLUX.2 layout this model uses (ComfyUI 0.33 or later can)"
+    return None
+
+
+def flux2_state_dict(seed=SEED):
+    """A FLUX.2-layout transformer (no prefix), the start of the trained tiny FLUX.2 (tools/train_models.py)."""
+    import comfy.supported_models as sm
+    sd = _strip(_model_state_dict(sm.Flux2, FLUX2_CONFIG, seed + 2), "model.diffusion_model.")
+    sd["final_layer.linear.weight"].zero_()    # the model starts by predicting zero velocity (as DiTs start)
+    return sd
 
 
 def wan21_state_dict(seed=SEED):
@@ -229,6 +257,7 @@ TRAINED_VAE4 = os.path.join(MODELS, "tiny_taesd_trained.safetensors")
 VAE16_DELTA = os.path.join(MODELS, "tiny_taesd3_trained_delta.safetensors")
 SD15_DELTA = os.path.join(MODELS, "tiny_sd15_trained_delta.safetensors")
 SD3_TRAINED = os.path.join(MODELS, "tiny_sd3_trained.safetensors")
+FLUX2_TRAINED = os.path.join(MODELS, "tiny_flux2_trained.safetensors")
 TRAINED_FILES = (TRAINED_VAE4, VAE16_DELTA, SD15_DELTA, SD3_TRAINED)
 # The 16-channel VAE differs from the 4-channel one only next to the latent.
 VAE16_TRAINED_KEYS = ("taesd_encoder.13.", "taesd_encoder.14.", "taesd_decoder.1.", "taesd_decoder.3.")
