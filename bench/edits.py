@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import markdown_table, publish, result_path
+from bench.common import markdown_table, publish
 from bench.models import EDIT_PAIRS, GENERATORS, small, train_classifier
 from tools.train_models import EVAL_CAPTIONS, load_emoji, psnr
 

@@ -167,9 +167,18 @@ def invert_image(vae, image, method=METHOD, max_iterations=MAX_ITERATIONS, step_
     tiles = pixels.shape[0] * comfy.utils.get_tiled_scale_steps(pixels.shape[3], pixels.shape[2], tile, tile, overlap)
     run = _Runs(METHODS[method], model, vae.device, dtype, options, _progress(tiles * evaluations, callback))
     z = comfy.utils.tiled_scale(pixels, run, tile, tile, overlap,
-                                upscale_amount=1 / vae.spacial_compression_encode(),
+                                upscale_amount=1 / _encoded_ratio(model, pixels, vae.device, dtype),
                                 out_channels=vae.latent_channels, output_device=pixels.device)
     return to_intermediate(z), StepLog.join(run.logs)
+
+
+def _encoded_ratio(model, pixels, device, dtype):
+    """Pixels per latent cell as the encoder outputs them: spacial_compression_encode() does not count a
+    packed latent's 2x2 (FLUX.2's taef2 reports 8 and encodes at 16)."""
+    side = min(64, pixels.shape[-2], pixels.shape[-1])
+    with torch.no_grad():
+        z = model.encode(pixels[:1, :, :side, :side].to(device, dtype))
+    return side / z.shape[-1]
 
 
 class _Runs:

@@ -110,9 +110,6 @@ def test_non_square_image(decoder_node, taef2):
     assert (reconstruction_psnr(taef2, z, image) >= reconstruction_psnr(taef2, z_encoder, image)).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nodes/decoder.py tiles with vae.spacial_compression_encode(), which ComfyUI 0.33 reports as 8 for taef2, "
-    "but taef2 encodes at 16x (packed latent): the tiled latent comes out twice too large"))
 def test_tiled_inversion_of_a_large_image(decoder_node, taef2):
     # the out-of-memory fallback, forced: two overlapping tiles of the node's tile size over a 640 x 512 photo;
     # one iteration, as tiles of this size are the costliest runs here
