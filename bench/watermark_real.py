@@ -32,7 +32,7 @@ CELLS = [("latent", "none"), ("vae_encode", "none"), ("decoder_inversion", "none
 QUICK_CELLS = [("latent", "none"), ("vae_encode", "none"), ("vae_encode", "jpeg75")]
 COLUMNS = ("sampler", "steps", "route", "attack", "method", "auc", "tpr_at_1fpr", "clean_fpr_at_p01",
            "seconds_per_detection", "model_calls_per_detection")
-MODEL_LABEL = ("trained tiny FLUX.2-layout transformer (1.36M params, emoji) + taef2 (FLUX.2's real tiny "
+MODEL_LABEL = ("trained tiny FLUX.2-layout transformer (models/tiny_flux2_trained.safetensors, emoji) + taef2 (FLUX.2's real tiny "
                "autoencoder), float32, CPU, ComfyUI 0.33")
 # the summary's names for the routes the issue asks about
 SUMMARY_CELLS = {"image": ("vae_encode", "none"), "jpeg75": ("vae_encode", "jpeg75"),
