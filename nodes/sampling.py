@@ -85,7 +85,7 @@ def masked_start(model_sampling, sigma, noise, latent_image, kept):
     latent_image), while ComfyUI's inpainting (KSamplerX0Inpaint) keeps `kept` outside the mask.
     noise_scaling is affine in (noise, latent): its two weights are probed at `sigma`."""
     start = _EndSafeModelSampling(model_sampling).noise_scaling(sigma, noise, latent_image)
-    sigma = torch.as_tensor(sigma).reshape(1).to(start)
+    sigma = torch.as_tensor(sigma, dtype=start.dtype, device=start.device).reshape(1)
     unit, zero = torch.ones_like(sigma).reshape(1, 1), torch.zeros_like(sigma).reshape(1, 1)
     noise_w = float(model_sampling.noise_scaling(sigma, unit, zero))
     kept_w = float(model_sampling.noise_scaling(sigma, zero, unit))
