@@ -32,12 +32,15 @@ GRADIENT_ITERATIONS = 100
 
 
 def settings(quick):
-    """Sizes chosen so the full run fits about half an hour on a 2-core CPU; QUICK a couple of minutes.
-    low_precision_size None leaves out the 16-bit rows: fp16 convolutions on this CPU have no fast kernel."""
+    """The photo part at `sizes` (the summary from the first), the paper's protocol at `protocol_size`: about an
+    hour on one CPU core; QUICK a couple of minutes. low_precision_size None leaves out the 16-bit rows
+    (tests/test_real_autoencoder_16bit.py measures them): fp16 convolutions on a CPU have no fast kernel."""
     low = int(os.environ.get("DECODER_REAL_LOW_PRECISION_SIZE", 0)) or None
     if quick:
-        return dict(photos=list(PHOTOS)[:2], sizes=[64], gradient_iterations=10, low_precision_size=low)
-    return dict(photos=list(PHOTOS), sizes=[128], gradient_iterations=GRADIENT_ITERATIONS, low_precision_size=low)
+        return dict(photos=list(PHOTOS)[:2], sizes=[64], protocol_size=64, gradient_iterations=10,
+                    low_precision_size=low)
+    return dict(photos=list(PHOTOS), sizes=[256, 512], protocol_size=128, gradient_iterations=GRADIENT_ITERATIONS,
+                low_precision_size=low)
 
 
 def methods(quick, gradient_iterations):
@@ -97,7 +100,9 @@ def quantise(x):
 
 
 def worker(config_path, out_path):
-    from inversion_ops.decoder import METHODS, checkpointed
+    import copy
+    from inversion_ops.common import bf16_is_native
+    from inversion_ops.decoder import FINISH_DTYPE, METHODS, checkpointed
     torch.set_num_threads(1)
     cfg = json.load(open(config_path))
     dtype = DTYPES[cfg["dtype"]]
@@ -105,17 +110,21 @@ def worker(config_path, out_path):
     model = load_taef2().to(device)
     data = torch.load(cfg["inputs"])
     x, photo, z0 = data["x"].to(device), data["photo"].to(device), data.get("z0")
-    run_model = model.to(dtype)
-    if cfg["method"] == "hybrid":
-        run_model = checkpointed(run_model)
+    run_model, knobs = model.to(dtype), cfg["knobs"]
+    if cfg["method"] == "hybrid":   # as the node builds it: the finish through a checkpointed copy, bf16 if native
+        finish_dtype = FINISH_DTYPE if dtype == torch.float32 and bf16_is_native(device) else dtype
+        finish = checkpointed(copy.deepcopy(model).to(finish_dtype) if finish_dtype != dtype else run_model)
+        knobs = dict(knobs, finish_decode=finish.decode, finish_dtype=finish_dtype)
     with torch.no_grad():                                   # warm-up: kernels, allocator, workspaces
         run_model.encode(run_model.decode(run_model.encode(x[:1].to(dtype))))
     meter, start = PeakMemory(), time.perf_counter()
-    z = METHODS[cfg["method"]](run_model.encode, run_model.decode, x, dtype=dtype, **cfg["knobs"])
+    z = METHODS[cfg["method"]](run_model.encode, run_model.decode, x, dtype=dtype, **knobs)
     seconds = time.perf_counter() - start
     peak = meter.peak_mb()
     with torch.no_grad():
         image = run_model.decode(z.to(dtype)).float().clamp(-1, 1)
+    if "finish_dtype" in knobs:
+        cfg["finish_dtype"] = str(knobs["finish_dtype"]).removeprefix("torch.")
     res = dict(cfg, seconds=seconds, peak_mem_mb=peak, psnr_db_per_photo=psnr_db(image, photo, peak=2.0).tolist())
     if z0 is not None:
         res["nmse_db_per_photo"] = nmse_db(z.cpu(), z0).tolist()
@@ -146,48 +155,64 @@ def make_inputs(names, size, tmp):
     return paths
 
 
-def median_gain(rows, a, b, key, sign=1.0):
-    """Median over photos of sign * (a's per-photo `key` - b's), a and b rows."""
-    return statistics.median(sign * (p - q) for p, q in zip(rows[a][key], rows[b][key]))
+def differences(rows, a, b, key, sign=1.0):
+    """sign * (a's per-photo `key` - b's) for every photo and size, rows keyed (size, label)."""
+    return [sign * (p - q) for size, label in rows if label == a
+            for p, q in zip(rows[size, a][key], rows[size, b][key])]
 
 
 def summarise(rows, low):
-    photo = {r["label"]: r for r in rows if r["part"] == "photo" and r["dtype"] == "fp32"}
-    proto = {r["label"]: r for r in rows if r["part"] == "protocol"}
-    key = "psnr_db_per_photo"
-    out = dict(
-        default_method=METHOD,
-        default_psnr_gain_vs_encoder_db=median_gain(photo, METHOD, "encoder", key),
-        gradient_psnr_gain_vs_encoder_db=median_gain(photo, "gradient", "encoder", key),
-        default_psnr_minus_gradient_db=median_gain(photo, METHOD, "gradient", key),
-        default_seconds_ratio_vs_gradient=photo[METHOD]["seconds"] / photo["gradient"]["seconds"],
-        default_memory_ratio_vs_gradient=photo[METHOD]["peak_mem_mb"] / photo["gradient"]["peak_mem_mb"],
-        default_nmse_gain_vs_encoder_db=median_gain(proto, METHOD, "encoder", "nmse_db_per_photo", -1.0),
-        gradient_nmse_gain_vs_encoder_db=median_gain(proto, "gradient", "encoder", "nmse_db_per_photo", -1.0),
-    )
+    """PSNR and NMSE gains: medians over photos and sizes; time and memory ratios: the worst size's.
+    Each photo-part figure also per size, suffixed _<size>px."""
+    photo = {(r["size"], r["label"]): r for r in rows if r["part"] == "photo" and r["dtype"] == "fp32"}
+    proto = {(r["size"], r["label"]): r for r in rows if r["part"] == "protocol"}
+    sizes = sorted({size for size, _ in photo})
+    key, median = "psnr_db_per_photo", statistics.median
+
+    def photo_figures(rows_at):
+        return dict(
+            default_psnr_gain_vs_encoder_db=median(differences(rows_at, METHOD, "encoder", key)),
+            gradient_psnr_gain_vs_encoder_db=median(differences(rows_at, "gradient", "encoder", key)),
+            default_psnr_minus_gradient_db=median(differences(rows_at, METHOD, "gradient", key)),
+            default_seconds_ratio_vs_gradient=max(rows_at[z, METHOD]["seconds"] / rows_at[z, "gradient"]["seconds"]
+                                                  for z, label in rows_at if label == METHOD),
+            default_memory_ratio_vs_gradient=max(rows_at[z, METHOD]["peak_mem_mb"] / rows_at[z, "gradient"][
+                "peak_mem_mb"] for z, label in rows_at if label == METHOD))
+    out = dict(default_method=METHOD, **photo_figures(photo),
+               default_nmse_gain_vs_encoder_db=median(differences(proto, METHOD, "encoder", "nmse_db_per_photo", -1)),
+               gradient_nmse_gain_vs_encoder_db=median(differences(proto, "gradient", "encoder", "nmse_db_per_photo",
+                                                                   -1)))
+    for size in sizes if len(sizes) > 1 else ():
+        at = {k: r for k, r in photo.items() if k[0] == size}
+        out.update({f"{name}_{size}px": v for name, v in photo_figures(at).items()})
     for p in ("fp16", "bf16") if low else ():
-        lowp = {r["label"]: r for r in low if r["dtype"] == p}
-        fp32 = {r["label"]: r for r in low if r["dtype"] == "fp32"}
-        out[f"{p}_psnr_minus_fp32_db"] = statistics.median(
-            a - b for a, b in zip(lowp[METHOD][key], fp32[METHOD][key]))
-        out[f"{p}_psnr_minus_encoder_db"] = median_gain(lowp, METHOD, "encoder", key)
-    for label in photo:
-        out[f"{label}_psnr_minus_gradient_db"] = median_gain(photo, label, "gradient", key)
+        lowp = {(r["size"], r["label"]): r for r in low if r["dtype"] == p}
+        fp32 = {(r["size"], r["label"]): r for r in low if r["dtype"] == "fp32"}
+        out[f"{p}_psnr_minus_fp32_db"] = median(a - b for (z, label), r in lowp.items() if label == METHOD
+                                                for a, b in zip(r[key], fp32[z, METHOD][key]))
+        out[f"{p}_psnr_minus_encoder_db"] = median(differences(lowp, METHOD, "encoder", key))
+    for label in sorted({label for _, label in photo}):
+        out[f"{label}_psnr_minus_gradient_db"] = median(differences(photo, label, "gradient", key))
     return out
 
 
 def plot(rows, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    sizes = [r["size"] for r in rows if r["part"] == "photo"]
     for ax, part, key, unit in ((axes[0], "photo", "psnr_db_per_photo", "PSNR vs photo (dB)"),
                                 (axes[1], "protocol", "nmse_db_per_photo", "latent NMSE vs E(photo) (dB)")):
         for r in (r for r in rows if r["part"] == part and r["dtype"] == "fp32"):
-            ax.plot(r["seconds"], statistics.median(r[key]), "o", label=r["label"])
-            ax.annotate(r["label"], (r["seconds"], statistics.median(r[key])), fontsize=7)
+            ax.plot(r["seconds"], statistics.median(r[key]), "o" if r["size"] == min(sizes) else "s")
+            ax.annotate(f"{r['label']} {r['size']}", (r["seconds"], statistics.median(r[key])), fontsize=7)
         ax.set(xscale="symlog", xlabel="seconds for all photos (1 CPU thread)", ylabel=f"median {unit}",
-               title=f"taef2, {part}")
+               title=f"taef2, {part} (label: method, px)")
         ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def hybrid_finish(rows):
+    return ", ".join(sorted({r["finish_dtype"] for r in rows if "finish_dtype" in r})) or "-"
 
 
 COLUMNS = ["part", "size", "label", "dtype", "psnr_db", "nmse_db", "seconds", "peak_mem_mb"]
@@ -198,12 +223,11 @@ def main(quick=False):
     s = settings(quick)
     rows, low, start = [], [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for size in sorted(set(s["sizes"]) | ({s["low_precision_size"]} - {None})):
+        for size in sorted(set(s["sizes"]) | {s["protocol_size"]} | ({s["low_precision_size"]} - {None})):
             inputs = make_inputs(s["photos"], size, tmp)
-            jobs = []
-            if size in s["sizes"]:
-                jobs += [(part, label, m, k, "fp32") for part in ("photo", "protocol")
-                         for label, m, k in methods(quick, s["gradient_iterations"])]
+            parts = [p for p, sizes in (("protocol", [s["protocol_size"]]), ("photo", s["sizes"])) if size in sizes]
+            jobs = [(part, label, m, k, "fp32") for part in parts
+                    for label, m, k in methods(quick, s["gradient_iterations"])]
             if size == s["low_precision_size"]:
                 jobs += [("low", label, m, k, p) for p in DTYPES for label, m, k in methods(quick, 0)
                          if label in ("encoder", METHOD)]
@@ -216,14 +240,17 @@ def main(quick=False):
                 (low if part == "low" else rows).append(r)
                 print(f"{part:8s} {size:4d} {label:14s} {dtype} PSNR {r['psnr_db']:6.2f} NMSE {r['nmse_db'] or 0:7.2f} "
                       f"{r['seconds']:7.1f} s +{r['peak_mem_mb']:.0f} MiB", flush=True)
-    summary = summarise([r for r in rows if r["size"] == s["sizes"][0]], low)
+    summary = summarise(rows, low)
     rows += low
     notes = (f"taef2 (FLUX.2's tiny autoencoder, trained weights) loaded by ComfyUI 0.33's VAELoader, float32 "
              f"unless dtype says, CPU, 1 thread per method process. Photos {s['photos']} (scikit-image, "
-             f"scikit-learn), centre crops at {s['sizes']} px. Methods at the node's defaults (max_iterations "
-             f"{MAX_ITERATIONS}, tolerance {TOLERANCE:g}; hybrid tolerance 0), gradient {s['gradient_iterations']} "
-             f"iterations, best iterate. 16-bit rows (part low) at {s['low_precision_size']} px. Memory = peak "
-             f"RSS above the loaded level. Summary: medians over photos. Suite wall time {time.time() - start:.0f} s.")
+             f"scikit-learn), centre crops: the photo part at {s['sizes']} px, the paper's protocol at "
+             f"{s['protocol_size']} px. Methods at the node's defaults (max_iterations {MAX_ITERATIONS}, tolerance "
+             f"{TOLERANCE:g}; hybrid tolerance 0, its finish in {hybrid_finish(rows)}), gradient "
+             f"{s['gradient_iterations']} iterations, best iterate. 16-bit rows (part low) at "
+             f"{s['low_precision_size']} px. Memory = peak RSS above the loaded level. Summary: PSNR/NMSE gains are "
+             f"medians over photos and sizes, time and memory ratios the worst size's. Suite wall time "
+             f"{time.time() - start:.0f} s.")
     publish("decoder_real", rows, summary, quick, notes, lambda path: plot(rows, path), COLUMNS)
     return summary
 

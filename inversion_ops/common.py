@@ -12,6 +12,18 @@ def reachable_tolerance(tolerance, model_dtype):
     return max(float(tolerance), TOLERANCE_FLOOR.get(model_dtype, 0.0))
 
 
+def bf16_is_native(device):
+    """Whether `device` runs bfloat16 convolutions natively: CUDA from compute capability 8, a CPU whose oneDNN
+    has bf16 kernels (AVX512-BF16 or AMX). Elsewhere (MPS, older GPUs and CPUs) bf16 is emulated or missing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return False
+
+
 def work_dtype(x):
     """The dtype iterates accumulate in: float32, or float64 when x already is."""
     return torch.promote_types(x.dtype, torch.float32)

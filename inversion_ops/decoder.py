@@ -25,6 +25,7 @@ MOMENTUM = 0.3               # inertia alpha, inside Theorem 2 with rho 0.5: see
 COCOERCIVITY = 1.0           # beta: exact when E is D's left-inverse, an assumption for a real VAE
 ADAM_EPS = 1e-8              # Adam's moments are float32, so 1e-8 does not underflow
 AUTO_DTYPE = torch.float32   # precision "auto": a 16-bit VAE's rounding sets the floor; see docs/results.md#auto-dtype
+FINISH_DTYPE = torch.bfloat16   # hybrid's finish under "auto" where bf16 runs natively: see docs/results.md#decoder-on-taef2
 
 
 def cosine_warmup_lr(i, max_iterations, lr, warmup):
@@ -199,10 +200,12 @@ def invert_gradient(encode, decode, x, callback=None, disable=None, *, max_itera
 
 def invert_hybrid(encode, decode, x, callback=None, disable=None, *, max_iterations=MAX_ITERATIONS,
                   fixed_point_iterations=FIXED_POINT_ITERATIONS, rho=DEFAULT_STEP["forward_step"],
-                  lr=DEFAULT_STEP["hybrid"], eps=ADAM_EPS, tolerance=GRADIENT_TOLERANCE, patience=None, dtype=None):
+                  lr=DEFAULT_STEP["hybrid"], eps=ADAM_EPS, tolerance=GRADIENT_TOLERANCE, patience=None, dtype=None,
+                  finish_decode=None, finish_dtype=None):
     """Forward steps to the encoder's fixed point E(D(z)) = E(x) (gradient-free, cheap), then Adam on
     ||D(z) - x||^2 for the remaining updates, cosine-decayed from `lr` without warm-up: the finish recovers
-    what the encoder cannot see. `tolerance` (pixel units) applies to the finish."""
+    what the encoder cannot see. `tolerance` (pixel units) applies to the finish. finish_decode / finish_dtype:
+    the decoder the finish differentiates (a cheaper copy, e.g. `checkpointed` in bf16), default decode / dtype."""
     _check_options(max_iterations, tolerance, patience, rho=rho, lr=lr, eps=eps)
     first = min(fixed_point_iterations, max_iterations)
     offset = {"i": 0, "model_calls": 0, "model_calls_backward": 0}
@@ -215,7 +218,8 @@ def invert_hybrid(encode, decode, x, callback=None, disable=None, *, max_iterati
     if first == max_iterations:
         return z
     offset.update(i=first + 1, model_calls=2 * (first + 1))   # the finish's own count starts at E(x)'s 1
-    return _pixel_adam(decode, x, z, counted_on, max_iterations - first, lr, 1, eps, tolerance, patience, dtype)
+    return _pixel_adam(finish_decode or decode, x, z, counted_on, max_iterations - first, lr, 1, eps, tolerance,
+                       patience, finish_dtype or dtype)
 
 
 def _pixel_adam(decode, x, z0, callback, max_iterations, lr, warmup, eps, tolerance, patience, dtype):

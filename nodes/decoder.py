@@ -16,10 +16,10 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..inversion_ops.common import StepLog
+from ..inversion_ops.common import StepLog, bf16_is_native
 from ..inversion_ops.decoder import (
-    AUTO_DTYPE, DEFAULT_STEP, MAX_ITERATIONS, METHOD, METHOD_NAMES, METHODS, MOMENTUM, STEP_OPTION, TOLERANCE,
-    auto_momentum_step, check_inertial_km, checkpointed,
+    AUTO_DTYPE, DEFAULT_STEP, FINISH_DTYPE, MAX_ITERATIONS, METHOD, METHOD_NAMES, METHODS, MOMENTUM, STEP_OPTION,
+    TOLERANCE, auto_momentum_step, check_inertial_km, checkpointed,
 )
 from .sampling import to_intermediate
 from .ui import decoder_inversion_ui, schema
@@ -64,7 +64,8 @@ TOOLTIPS = {
         "iteration."),
     "precision": (
         "dtype the VAE's model runs in; the latent being updated is float32 whatever this is. auto: fp32, "
-        "the most exact. A dtype other than the VAE's own runs on a temporary copy of its weights."),
+        "the most exact, except hybrid's gradient finish, which runs in bf16 where the device computes bf16 "
+        "natively (half the memory). A dtype other than the VAE's own runs on a temporary copy of its weights."),
 }
 
 
@@ -146,10 +147,12 @@ def invert_image(vae, image, method=METHOD, max_iterations=MAX_ITERATIONS, step_
     dtype = resolve_precision(vae, method, precision)
     pixels = prepare_pixels(vae, image)
     batch = images_per_run or _images_per_run(vae, pixels, dtype)
-    autograd = method in ("gradient", "hybrid")
-    model = _model_in(vae, dtype, autograd)
-    if method == "hybrid":
-        model = checkpointed(model)   # the finish's VJP holds one segment's activations at a time
+    finish_dtype = FINISH_DTYPE if method == "hybrid" and precision == "auto" and bf16_is_native(vae.device) \
+        else dtype
+    model = _model_in(vae, dtype, method == "gradient" or (method == "hybrid" and finish_dtype == dtype))
+    if method == "hybrid":   # the finish's VJP holds one segment's activations at a time, in bf16 where native
+        finish = checkpointed(model if finish_dtype == dtype else _model_in(vae, finish_dtype, True))
+        options = dict(options, finish_decode=finish.decode, finish_dtype=finish_dtype)
     evaluations = {"encoder": 1, "hybrid": max_iterations + 2}.get(method, max_iterations + 1)
     if tile is None:
         runs = -(-pixels.shape[0] // batch)

@@ -324,6 +324,21 @@ def test_hybrid_finish_lowers_the_pixel_error_below_the_fixed_point():
     assert calls == sorted(calls) and log.model_calls_backward == 35
 
 
+def test_hybrid_finish_runs_through_the_decoder_it_is_given():
+    # the node hands hybrid a cheaper copy of the decoder (bf16) for the finish: the fixed-point phase keeps the
+    # float32 decoder, only the finish's evaluations go through the copy, and the latent stays float32
+    vae, encode = perturbed_linear_vae()
+    _, x = ground_truth(vae, n=2)
+    seen = []
+
+    def finish_decode(z):
+        seen.append(z.dtype)
+        return vae.decode(z.float())
+    z = invert_hybrid(encode, vae.decode, x, max_iterations=12, fixed_point_iterations=5,
+                      finish_decode=finish_decode, finish_dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16] * 8 and z.dtype == torch.float32   # 7 updates + the last evaluation
+
+
 def test_checkpointed_copy_gives_the_same_gradient_and_leaves_the_module_alone():
     class Shifted(torch.nn.Sequential):          # a Sequential subclass with its own forward, as TAESD's
         def forward(self, x):
