@@ -77,3 +77,24 @@ def test_batched_rows_equal_single_runs():
     batch = flow_edit(both, x0, sigmas, **args)
     second = flow_edit(both, x0[1:], sigmas, **{**args, "seed": 8})
     assert (batch[1:] - second).abs().max() < 1e-5
+
+
+class LinearTwoPrompts(TwoPrompts):
+    """D = point + x/2: the noise cancels in the velocity gap, but each step's result depends on the last one,
+    so how many steps edited a pixel shows in the result."""
+
+    def __call__(self, x, sigma, branch="target"):
+        return super().__call__(x, sigma, branch) + 0.5 * x
+
+
+def test_a_soft_mask_value_edits_over_that_fraction_of_the_steps():
+    # m = 0.5 of 6 edited steps: the last 3 edit there, as n_max = 3 does; 1 is the full edit; 0 stays x0
+    x0, a, b = _points(5)
+    model, sigmas, args = LinearTwoPrompts(a, b), flow_sigmas(8).float(), {"source_args": {"branch": "source"}}
+    mask = torch.zeros(1, *SHAPE)
+    mask[..., :2], mask[..., 2:4] = 1.0, 0.5
+    soft = flow_edit(model, x0, sigmas, n_max=6, mask=mask, **args)
+    assert (soft[..., :2] - flow_edit(model, x0, sigmas, n_max=6, **args)[..., :2]).abs().max() < 1e-6
+    assert (soft[..., 2:4] - flow_edit(model, x0, sigmas, n_max=3, **args)[..., 2:4]).abs().max() < 1e-6
+    assert torch.equal(soft[..., 4:], x0[..., 4:])
+    assert (soft[..., 2:4] - flow_edit(model, x0, sigmas, n_max=6, **args)[..., 2:4]).abs().max() > 1e-3
