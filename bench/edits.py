@@ -174,7 +174,8 @@ def judge(classifier, decoded, image, target, mask, out, source, calls):
     """One edit's record: target hit and probability, PSNRs, NMSE where the mask is 0, model calls."""
     with torch.no_grad():
         prob = torch.softmax(classifier(small(decoded.movedim(1, -1))), 1)[0]
-    record = dict(hit=float(prob.argmax() == EVAL_CAPTIONS.index(target)), prob=prob[EVAL_CAPTIONS.index(target)].item(),
+    wanted = EVAL_CAPTIONS.index(target)
+    record = dict(hit=float(prob.argmax() == wanted), prob=prob[wanted].item(),
                   psnr=psnr(decoded, image), calls=calls, outside_psnr=None, outside_nmse=None)
     if mask is not None:
         keep = (F.interpolate(mask[None], size=out.shape[-2:], mode="bilinear")[0, 0] == 0).to(out)

@@ -8,7 +8,7 @@ from .common import CountedModel, check_sigmas, euler_step, per_sample_rms, repo
 from .rf import randn_per_sample, sample_generators
 
 # the best of a measured grid on the trained tiny model: see docs/results.md#flowedit-defaults
-STEPS, N_MAX, N_MIN, N_AVG, SOURCE_CFG, TARGET_CFG = 28, 6, 0, 1, 1.5, 1.5
+STEPS, N_MAX, N_MIN, N_AVG, SOURCE_CFG, TARGET_CFG = 28, 6, 2, 1, 1.5, 1.5
 
 
 def _velocity_gap(model, z_edit, x0, sigma, noise, source_args):

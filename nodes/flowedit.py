@@ -137,8 +137,8 @@ class FlowEdit(io.ComfyNode):
             category=f"{CATEGORY}/flowedit",
             description="Edits an image or video latent with a rectified-flow model (SD3, Flux, Wan, ...) from a "
                         "source and a target prompt, without inversion (Kulikov et al. 2024). A noise_mask on the "
-                        "latent (Set Latent Noise Mask) confines the edit; the rest stays the source. A soft (feathered) "
-                        "mask hides the seam: a value m is edited over the last m of the edited steps.",
+                        "latent (Set Latent Noise Mask) confines the edit; the rest stays the source. A soft "
+                        "(feathered) mask hides the seam: a value m is edited over the last m of the edited steps.",
             inputs=[io.Model.Input("model", tooltip="A rectified-flow model (model_sampling CONST)."),
                     *_prompt_inputs(),
                     io.Latent.Input("latent", tooltip="The image to edit, encoded with this model's VAE."),

@@ -157,7 +157,7 @@ def test_a_soft_mask_keeps_the_source_where_it_is_zero(comfy):
     masked = g.node("SetLatentNoiseMask", samples=source, mask=soft).out
     g.node("EITestCapture", label="flowedit_soft", latent=g.node(
         "FlowEdit", model=model, source=src, target=tgt, negative=src, source_cfg=1.0, target_cfg=3.0, latent=masked,
-        steps=4, scheduler="simple", n_max=4, n_min=0, n_avg=1, seed=0).out)
+        steps=4, scheduler="simple", n_max=4, n_min=1, n_avg=1, seed=0).out)   # n_min: the sampling phase too
     graded = g.node("DifferentialDiffusion", model=model).out
     g.node("EITestCapture", label="rf_soft", latent=g.node(
         "RFInversionEdit", model=graded, source=src, target=tgt, latent=masked, steps=4, scheduler="simple", cfg=1.0,
