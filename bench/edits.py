@@ -19,7 +19,7 @@ in a real ComfyUI (in-process, CPU, float32), each without a mask, with a hard m
             NMSE of the latent where the mask is 0 against the source latent; the seam: mean pixel gradient on
             the mask's transition zone (2 px either side of the box's edge, and the soft mask's ramp) over the
             same zone of the unmasked edit (1 = no seam beyond what the edit itself draws there); model calls
-            (UNet evaluations) per edit
+            (UNet evaluations) per edit; each row names the pairs whose target it missed
 Writes bench/results/edits.json and edits.png (source, then each edit, per caption pair).
 """
 import itertools
@@ -163,6 +163,7 @@ def run(runtime, nodes, classifier, real128, pairs, quick):
                                 latent if mask is None else dict(latent, noise_mask=mask))
                 decoded = vae.decode(out).movedim(-1, 1).float()
                 record = judge(classifier, decoded, image, target, mask, out, latent["samples"], counter.calls)
+                record["pair"] = f"{source} -> {target}"
                 record["zones"] = {zone: gradient(decoded)[where].mean().item() for zone, where in zones.items()}
                 records.setdefault((method, label, name), []).append(record)
                 images[(p, method, label, name)] = decoded
@@ -206,7 +207,8 @@ def rows_of(records):
                          outside_psnr_db=None if mask == "none" else round(mean("outside_psnr"), 2),
                          outside_nmse_db=None if mask == "none" else round(max(r["outside_nmse"] for r in recs), 1),
                          seam_ratio=None if mask == "none" else round(zone(recs) / zone(plain), 3),
-                         model_calls=round(mean("calls"), 1)))
+                         model_calls=round(mean("calls"), 1),
+                         missed=[r["pair"] for r in recs if not r["hit"]]))
     return rows
 
 
