@@ -29,7 +29,8 @@ class FlowEditGuiderObject(comfy.samplers.CFGGuider):
 
 class FlowEditKSampler(InversionKSampler):
     """FlowEdit as a SAMPLER: latent_image is the source; the start noise is unused. A noise_mask confines
-    the edit (the update is masked inside the function, so the model sees coupled noisy points everywhere)."""
+    the edit (the update is masked inside the function, so the model sees coupled noisy points everywhere);
+    a soft mask grades the edited steps itself, as Differential Diffusion grades a KSampler's."""
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -114,7 +115,7 @@ class FlowEditSampler(io.ComfyNode):
             category=f"{CATEGORY}/flowedit",
             description="FlowEdit (Kulikov et al. 2024): edits the latent_image toward the target prompt without "
                         "inverting it. Use with FlowEdit Guider, BasicScheduler and DisableNoise; a noise_mask "
-                        "confines the edit.",
+                        "confines the edit (a soft mask edits its partial values over fewer steps).",
             inputs=_sampler_inputs(),
             outputs=[io.Sampler.Output()],
         )
@@ -136,7 +137,8 @@ class FlowEdit(io.ComfyNode):
             category=f"{CATEGORY}/flowedit",
             description="Edits an image or video latent with a rectified-flow model (SD3, Flux, Wan, ...) from a "
                         "source and a target prompt, without inversion (Kulikov et al. 2024). A noise_mask on the "
-                        "latent (Set Latent Noise Mask) confines the edit; the rest stays the source.",
+                        "latent (Set Latent Noise Mask) confines the edit; the rest stays the source. A soft "
+                        "(feathered) mask hides the seam: a value m is edited over the last m of the edited steps.",
             inputs=[io.Model.Input("model", tooltip="A rectified-flow model (model_sampling CONST)."),
                     *_prompt_inputs(),
                     io.Latent.Input("latent", tooltip="The image to edit, encoded with this model's VAE."),

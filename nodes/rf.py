@@ -233,7 +233,7 @@ class RFInversionEdit(io.ComfyNode):
                 "noise with the source prompt, then regenerates with the target prompt while following the "
                 "source layout for the first steps. No training, no attention patches; model patches apply. "
                 "A noise_mask on the latent (Set Latent Noise Mask) confines the edit to the mask; the rest "
-                "stays the source."),
+                "stays the source. For a soft (feathered) mask put Differential Diffusion on the model."),
             inputs=[
                 io.Model.Input("model", tooltip="A rectified-flow model (model_sampling CONST)."),
                 io.Conditioning.Input("source", tooltip="Describes the image as it is (or an empty prompt); "

@@ -145,3 +145,25 @@ def test_masked_flowedit_on_a_video_latent_keeps_its_shape_and_the_unmasked_half
     assert result.capture("video_edit")["latent"].shape == result.capture("source")["latent"].shape == (1, 16, 3, 8, 8)
     outside, inside = _outside_inside(result, "video_edit")
     assert outside <= OUTSIDE_DB and inside > -20, (outside, inside)
+
+
+def test_a_soft_mask_keeps_the_source_where_it_is_zero(comfy):
+    # a feathered MASK (1, then 0.5, then 0 across the width): FlowEdit grades its steps by it, RF-Inversion Edit
+    # reads it through ComfyUI's Differential Diffusion, as KSampler does; where it is 0 both return the source
+    g = Graph()
+    model, src, tgt, source = _setup(g)
+    half = g.node("SolidMask", value=0.5, width=16, height=64).out
+    soft = g.node("MaskComposite", destination=_left_half_mask(g), source=half, x=16, y=0, operation="multiply").out
+    masked = g.node("SetLatentNoiseMask", samples=source, mask=soft).out
+    g.node("EITestCapture", label="flowedit_soft", latent=g.node(
+        "FlowEdit", model=model, source=src, target=tgt, negative=src, source_cfg=1.0, target_cfg=3.0, latent=masked,
+        steps=4, scheduler="simple", n_max=4, n_min=1, n_avg=1, seed=0).out)   # n_min: the sampling phase too
+    graded = g.node("DifferentialDiffusion", model=model).out
+    g.node("EITestCapture", label="rf_soft", latent=g.node(
+        "RFInversionEdit", model=graded, source=src, target=tgt, latent=masked, steps=4, scheduler="simple", cfg=1.0,
+        gamma=0.5, eta=0.9, start=0.0, stop=0.25, seed=0).out)
+    result = comfy.run(g.prompt)
+    assert result.ok, result.error
+    for label in ("flowedit_soft", "rf_soft"):
+        outside, inside = _outside_inside(result, label)
+        assert outside <= OUTSIDE_DB and inside > -20, (label, outside, inside)

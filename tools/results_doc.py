@@ -251,12 +251,32 @@ def watermark_table():
     return table(("sampler", "method", "attack", "AUC", "TPR at 1% FPR", "model calls per detection"), out)
 
 
+def edits_masks_table():
+    rows = [r for r in load("edits.json")["rows"] if r["method"] in ("rf", "exact") or r["mask"] != "none"
+            or r["setting"] == load("edits.json")["summary"]["flowedit_defaults"]]
+    out = [(r["method"], r["mask"], f"{r['target_hit_rate']:.3f}", f"{r['source_psnr_db']:.2f}",
+            "" if r["outside_nmse_db"] is None else signed(r["outside_nmse_db"]),
+            "" if r["seam_ratio"] is None else f"{r['seam_ratio']:.2f}", f"{r['model_calls']:.0f}") for r in rows]
+    return table(("method (defaults)", "mask", "target hit rate", "source PSNR dB", "NMSE where mask = 0, dB (worst)",
+                  "seam ratio", "model calls"), out)
+
+
+def edits_flowedit_grid_table():
+    rows = [r for r in load("edits.json")["rows"] if r["method"] == "flowedit" and r["mask"] == "none"]
+    rows.sort(key=lambda r: (-r["target_hit_rate"], -r["source_psnr_db"]))
+    out = [(r["setting"], f"{r['target_hit_rate']:.3f}", f"{r['target_probability']:.3f}",
+            f"{r['source_psnr_db']:.2f}", f"{r['model_calls']:.0f}") for r in rows]
+    return table(("FlowEdit setting (cfg source/target)", "target hit rate", "target probability",
+                  "source PSNR dB", "model calls"), out)
+
+
 GENERATORS = {"sampler-table": sampler_table, "sampler-grid": sampler_grid, "decoder": decoder_table, "decoder-real": decoder_real_table,
               "exact-euler50": exact_euler50_table, "exact-trained": exact_trained_table,
               "watermark": watermark_table, "watermark-trained": watermark_trained_table,
               "reversible-analytic": pending_if_no_reversible_results(reversible_analytic_table),
               "reversible-trained": pending_if_no_reversible_results(reversible_trained_table),
-              "reversible-quality": pending_if_no_reversible_results(reversible_quality_table)}
+              "reversible-quality": pending_if_no_reversible_results(reversible_quality_table),
+              "edits-masks": edits_masks_table, "edits-flowedit-grid": edits_flowedit_grid_table}
 
 
 def regenerate(text):
