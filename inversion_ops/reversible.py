@@ -50,7 +50,20 @@ def capped_coefficients(sigma_prev, sigma, sigma_next, gamma=None, cap=CAP):
     return a, 1.0 - a, h - a * big_h
 
 
-VARIANTS = {"capped": capped_coefficients, "o_belm": o_belm_coefficients, "bdia": bdia_coefficients}
+def ddim_leapfrog_coefficients(sigma_prev, sigma, sigma_next, gamma=None):
+    """BDIA's symmetric step taken in the data-prediction variables (x / sigma against 1 / sigma, where every
+    ComfyUI ODE reads d(x / sigma) / d(1 / sigma) = D): a DDIM step from sigma_prev to sigma_next with the
+    denoised at sigma, y_{k+1} = r y_{k-1} + (1 - r) D_k, r = sigma_next / sigma_prev. There the dynamics
+    expand towards the image, so the alternating mode decays while sampling; the step into sigma = 0 has
+    r = 0 and is capped's (see docs/results.md#reversible-choice)."""
+    if sigma_next <= 0.0:
+        return capped_coefficients(sigma_prev, sigma, sigma_next)
+    a = sigma_next / sigma_prev
+    return a, 1.0 - a, -(1.0 - a) * sigma
+
+
+VARIANTS = {"capped": capped_coefficients, "o_belm": o_belm_coefficients, "bdia": bdia_coefficients,
+            "ddim_leapfrog": ddim_leapfrog_coefficients}
 
 
 def _coefficients(variant):

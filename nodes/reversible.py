@@ -20,7 +20,9 @@ VARIANT_HELP = ("capped: O-BELM's coefficients with its weight on the older stat
                 "steps grow); the pack's default. o_belm: Wang et al. 2024 as published. bdia: Zhang et al. 2024 "
                 "with the gamma below. Limits of capped: on flow models (SD3, Flux) its samples drift from "
                 "euler's at any step count; below 20 steps with high cfg (cfg 5+ on flow, 7.5+ on EPS) they are "
-                "less accurate than euler's (docs/results.md#reversible-cap). Inversion stays exact everywhere.")
+                "less accurate than euler's (docs/results.md#reversible-cap). ddim_leapfrog: BDIA's symmetric step "
+                "in the data-prediction variables; on flow models it keeps euler's accuracy to higher cfg than capped "
+                "(docs/results.md#reversible-flow). Inversion stays exact everywhere.")
 
 
 def read_second_state(latent, input_name="second_state"):
