@@ -134,6 +134,8 @@ def method_of(workflow):
         return "Tree-Ring watermark" + (" (detect)" if "TreeRingDetect" in types else " (generate)")
     if "RFInversionEdit" in types:
         return "RF-Inversion Edit (one node)"
+    if "FlowEdit" in types:
+        return "FlowEdit (inversion-free edit)"
     if "RFForwardSampler" in types:
         return "RF-Inversion (forward/reverse samplers)"
     if "PreciseInvInvertLatent" in types or "PreciseInvSampler" in types:
