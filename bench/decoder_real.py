@@ -8,6 +8,7 @@ Two parts, every method in a fresh process (peak memory above the loaded level, 
 - protocol: the paper's evaluation, z0 = E(photo), target x = 8-bit D(z0); NMSE of the latent against z0.
 Summary figures are medians over the photos of per-photo differences.
 """
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -32,15 +33,16 @@ GRADIENT_ITERATIONS = 100
 
 
 def settings(quick):
-    """The photo part at `sizes` (the summary from the first), the paper's protocol at `protocol_size`: about an
-    hour on one CPU core; QUICK a couple of minutes. low_precision_size None leaves out the 16-bit rows
+    """The photo part at `sizes`, the paper's protocol at `protocol_size`; above `all_methods_up_to` px only VAE
+    Encode, the default and the gradient baseline run (CPU time). About 45 minutes with DECODER_REAL_JOBS=2 on
+    two cores; QUICK a couple of minutes. low_precision_size None leaves out the 16-bit rows
     (tests/test_real_autoencoder_16bit.py measures them): fp16 convolutions on a CPU have no fast kernel."""
     low = int(os.environ.get("DECODER_REAL_LOW_PRECISION_SIZE", 0)) or None
     if quick:
         return dict(photos=list(PHOTOS)[:2], sizes=[64], protocol_size=64, gradient_iterations=10,
-                    low_precision_size=low)
+                    low_precision_size=low, all_methods_up_to=64)
     return dict(photos=list(PHOTOS), sizes=[256, 512], protocol_size=128, gradient_iterations=GRADIENT_ITERATIONS,
-                low_precision_size=low)
+                low_precision_size=low, all_methods_up_to=256)
 
 
 def methods(quick, gradient_iterations):
@@ -133,6 +135,7 @@ def worker(config_path, out_path):
 
 
 def run_worker(cfg, tmp):
+    tmp = tempfile.mkdtemp(dir=tmp)   # jobs may run side by side
     cfg_path, out_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "out.json")
     json.dump(cfg, open(cfg_path, "w"))
     proc = subprocess.run([sys.executable, "-m", "bench.decoder_real", cfg_path, out_path], cwd=REPO,
@@ -211,6 +214,14 @@ def plot(rows, path):
     save_figure(fig, path)
 
 
+def report(r):
+    r["psnr_db"] = statistics.median(r["psnr_db_per_photo"])
+    r["nmse_db"] = statistics.median(r["nmse_db_per_photo"]) if "nmse_db_per_photo" in r else None
+    print(f"{r['part']:8s} {r['size']:4d} {r['label']:14s} {r['dtype']} PSNR {r['psnr_db']:6.2f} "
+          f"NMSE {r['nmse_db'] or 0:7.2f} {r['seconds']:7.1f} s +{r['peak_mem_mb']:.0f} MiB", flush=True)
+    return r
+
+
 def hybrid_finish(rows):
     return ", ".join(sorted({r["finish_dtype"] for r in rows if "finish_dtype" in r})) or "-"
 
@@ -221,30 +232,32 @@ COLUMNS = ["part", "size", "label", "dtype", "psnr_db", "nmse_db", "seconds", "p
 def main(quick=False):
     torch.set_num_threads(1)
     s = settings(quick)
-    rows, low, start = [], [], time.time()
+    parallel = max(1, int(os.environ.get("DECODER_REAL_JOBS", 1)))
+    start, jobs = time.time(), []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sorted(set(s["sizes"]) | {s["protocol_size"]} | ({s["low_precision_size"]} - {None})):
             inputs = make_inputs(s["photos"], size, tmp)
             parts = [p for p, sizes in (("protocol", [s["protocol_size"]]), ("photo", s["sizes"])) if size in sizes]
-            jobs = [(part, label, m, k, "fp32") for part in parts
-                    for label, m, k in methods(quick, s["gradient_iterations"])]
+            chosen = [m for m in methods(quick, s["gradient_iterations"])
+                      if size <= s["all_methods_up_to"] or m[0] in ("encoder", "gradient", METHOD)]
+            jobs += [dict(part=part, size=size, label=label, method=m, knobs=k, dtype="fp32", inputs=inputs[part])
+                     for part in parts for label, m, k in chosen]
             if size == s["low_precision_size"]:
-                jobs += [("low", label, m, k, p) for p in DTYPES for label, m, k in methods(quick, 0)
-                         if label in ("encoder", METHOD)]
-            for part, label, method, knobs, dtype in jobs:
-                cfg = dict(part=part, size=size, label=label, method=method, knobs=knobs, dtype=dtype,
-                           inputs=inputs["photo" if part == "low" else part])
-                r = run_worker(cfg, tmp)
-                r["psnr_db"] = statistics.median(r["psnr_db_per_photo"])
-                r["nmse_db"] = statistics.median(r["nmse_db_per_photo"]) if "nmse_db_per_photo" in r else None
-                (low if part == "low" else rows).append(r)
-                print(f"{part:8s} {size:4d} {label:14s} {dtype} PSNR {r['psnr_db']:6.2f} NMSE {r['nmse_db'] or 0:7.2f} "
-                      f"{r['seconds']:7.1f} s +{r['peak_mem_mb']:.0f} MiB", flush=True)
+                jobs += [dict(part="low", size=size, label=label, method=m, knobs=k, dtype=p, inputs=inputs["photo"])
+                         for p in DTYPES for label, m, k in methods(quick, 0) if label in ("encoder", METHOD)]
+        # the longest first (gradient at the largest size), so side-by-side jobs finish together
+        order = sorted(range(len(jobs)), key=lambda i: (-jobs[i]["size"], jobs[i]["label"] != "gradient"))
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+            done = dict(zip(order, pool.map(lambda i: report(run_worker(jobs[i], tmp)), order)))
+    results = [done[i] for i in range(len(jobs))]
+    rows, low = [r for r in results if r["part"] != "low"], [r for r in results if r["part"] == "low"]
     summary = summarise(rows, low)
     rows += low
     notes = (f"taef2 (FLUX.2's tiny autoencoder, trained weights) loaded by ComfyUI 0.33's VAELoader, float32 "
-             f"unless dtype says, CPU, 1 thread per method process. Photos {s['photos']} (scikit-image, "
-             f"scikit-learn), centre crops: the photo part at {s['sizes']} px, the paper's protocol at "
+             f"unless dtype says, CPU, 1 thread per method process, {parallel} method "
+             f"processes side by side. Photos {s['photos']} (scikit-image, "
+             f"scikit-learn), centre crops: the photo part at {s['sizes']} px (above {s['all_methods_up_to']} px only "
+             f"encoder, gradient and {METHOD}), the paper's protocol at "
              f"{s['protocol_size']} px. Methods at the node's defaults (max_iterations {MAX_ITERATIONS}, tolerance "
              f"{TOLERANCE:g}; hybrid tolerance 0, its finish in {hybrid_finish(rows)}), gradient "
              f"{s['gradient_iterations']} iterations, best iterate. 16-bit rows (part low) at "
