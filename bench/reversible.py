@@ -68,7 +68,7 @@ class Pack:
         return self.run(sampler, start, cfg, sigmas, positive, negative, noise)["samples"]
 
     def reversible_sampler(self, second_state=None):
-        options = {"variant": self.ops.VARIANT, "gamma": self.ops.GAMMA}
+        options = {"variant": self.rev.AUTO, "gamma": self.ops.GAMMA}   # the nodes' default, as Invert Latent
         if second_state is not None:
             options["second_state"] = self.rev.read_second_state(second_state)
         return self.rev.ReversibleKSampler(self.ops.sample_reversible, options)

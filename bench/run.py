@@ -7,6 +7,7 @@ ran on; .quick.json for QUICK runs), a .png plot and a markdown table on stdout.
 """
 import importlib
 import os
+import subprocess
 import sys
 import time
 
@@ -46,7 +47,14 @@ def main(argv):
         sys.exit(f"unknown SUITE {[n for n, c in zip(names, chosen) if not c]}: choose from {list(SUITES)}, "
                  f"{known} or all")
     quick = os.environ.get("QUICK", "") not in ("", "0")
-    for module, result in (p for c in chosen for p in c):
+    chosen = [p for c in chosen for p in c]
+    if len(chosen) > 1:   # one process per part: an in-process ComfyUI fixes its base directory once per process
+        keys = {p: f"{suite}.{part}" for suite, ps in SUITES.items() for part, p in ps.items()}
+        for part in chosen:   # a suite.part key names exactly one part, so the child never recurses
+            subprocess.run([sys.executable, "-m", "bench", keys[part]], check=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return
+    for module, result in chosen:
         start = time.time()
         print(f"\n## bench {result}{' (quick)' if quick else ''}\n", flush=True)
         importlib.import_module(f"bench.{module}").main(quick)

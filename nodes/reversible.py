@@ -11,18 +11,27 @@ import torch
 from comfy_api.latest import io
 
 from ..inversion_ops import reversible
+from .rf import prediction_kind
 from .sampling import InversionKSampler, invert_whole_latent
 from .ui import CATEGORY, schema
 
 STATE_KEY = "reversible_state"
 STATE_SIGMA_KEY = "reversible_sigma"
-VARIANT_HELP = ("capped: O-BELM's coefficients with its weight on the older state capped at 1 (BDIA where the "
-                "steps grow); the pack's default. o_belm: Wang et al. 2024 as published. bdia: Zhang et al. 2024 "
-                "with the gamma below. Limits of capped: on flow models (SD3, Flux) its samples drift from "
-                "euler's at any step count; below 20 steps with high cfg (cfg 5+ on flow, 7.5+ on EPS) they are "
-                "less accurate than euler's (docs/results.md#reversible-cap). ddim_leapfrog: BDIA's symmetric step "
-                "in the data-prediction variables; on flow models it keeps euler's accuracy to higher cfg than capped "
-                "(docs/results.md#reversible-flow). Inversion stays exact everywhere.")
+AUTO = "auto"
+VARIANT_HELP = ("auto (default, and Invert Latent's reversible method): ddim_leapfrog on flow models, capped on EPS "
+                "and V models. capped: O-BELM's coefficients with the weight on the older state capped at 1 (BDIA "
+                "where the steps grow). ddim_leapfrog: BDIA's symmetric step in the data-prediction variables. "
+                "o_belm: Wang et al. 2024 as published. bdia: Zhang et al. 2024 with the gamma below. Inversion is "
+                "exact in every variant; the samples are not euler's: on flow models above cfg 2 and on EPS models "
+                "at cfg 7.5+ below 20 steps they are worse (docs/results.md#reversible-cap and #reversible-flow).")
+
+
+def resolve_variant(variant, model_sampling):
+    """auto's choice, from what the model predicts: ddim_leapfrog's samples stay closer to euler's on flow
+    models, capped's round trips are tighter on EPS ones (docs/results.md#reversible-flow)."""
+    if variant != AUTO:
+        return variant
+    return "ddim_leapfrog" if prediction_kind(model_sampling) == "flow" else reversible.VARIANT
 
 
 def read_second_state(latent, input_name="second_state"):
@@ -45,6 +54,7 @@ class ReversibleKSampler(InversionKSampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         options = dict(self.extra_options)
+        options["variant"] = resolve_variant(options.get("variant", AUTO), model_wrap.inner_model.model_sampling)
         state, state_sigma, name = options.pop("second_state", (None, None, None))
         if state is not None:
             state = model_wrap.inner_model.process_latent_in(state.to(device=noise.device, dtype=noise.dtype))
@@ -74,11 +84,11 @@ def _reporting_state_as_denoised(function):
     return run
 
 
-def invert_latent_reversible(model, positive, negative, cfg, latent, sigmas, variant=reversible.VARIANT,
+def invert_latent_reversible(model, positive, negative, cfg, latent, sigmas, variant=AUTO,
                              gamma=reversible.GAMMA, log=None):
     """Invert Latent's reversible method: the start latent with its second state under STATE_KEY; `log`
     (a StepLog) records the steps."""
-    kept = {}
+    kept, variant = {}, resolve_variant(variant, model.get_model_object("model_sampling"))
 
     def invert(model_k, x, sigmas_k, extra_args=None, callback=None, disable=None, **options):
         def keep(d):
@@ -97,7 +107,7 @@ def invert_latent_reversible(model, positive, negative, cfg, latent, sigmas, var
 
 def _variant_inputs():
     return [
-        io.Combo.Input("variant", options=list(reversible.VARIANTS), default=reversible.VARIANT,
+        io.Combo.Input("variant", options=[AUTO, *reversible.VARIANTS], default=AUTO,
                        tooltip=VARIANT_HELP + " Invert with the same variant."),
         io.Float.Input("gamma", default=reversible.GAMMA, min=0.05, max=1.0, step=0.05,
                        tooltip="bdia only: the weight of the step back (1 = symmetric). The inverse divides by "
@@ -156,7 +166,7 @@ class ReversibleInversionSampler(io.ComfyNode):
     @classmethod
     def execute(cls, variant, gamma) -> io.NodeOutput:
         function = _reporting_state_as_denoised(reversible.invert_reversible)
-        return io.NodeOutput(InversionKSampler(function, {"variant": variant, "gamma": gamma}))
+        return io.NodeOutput(ReversibleKSampler(function, {"variant": variant, "gamma": gamma}))
 
 
 NODES = [ReversibleSampler, ReversibleInversionSampler]

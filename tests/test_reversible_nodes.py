@@ -36,9 +36,9 @@ class Setup:
                        batch_size=2).out
         self.image = self.sampler_custom(self.sampler(), empty, self.sigmas(), add_noise=True)[0]
 
-    def sampler(self, second_state=None):
+    def sampler(self, second_state=None, variant="auto"):
         extra = {} if second_state is None else {"second_state": second_state}
-        return self.g.node("ReversibleSampler", variant="capped", gamma=1.0, **extra).out
+        return self.g.node("ReversibleSampler", variant=variant, gamma=1.0, **extra).out
 
     def sigmas(self):
         return self.g.node("BasicScheduler", model=self.model, scheduler=self.scheduler, steps=self.steps,
@@ -82,10 +82,24 @@ def test_invert_latent_round_trip_is_exact(comfy, kind):
     assert nmse_db(regenerated, image) <= LIMIT_DB
 
 
+@pytest.mark.parametrize("kind, chosen, other", [("eps", "capped", "ddim_leapfrog"), ("flow", "ddim_leapfrog", "capped")])
+def test_auto_variant_is_chosen_from_the_model_sampling(comfy, kind, chosen, other):
+    g = Graph()
+    s = Setup(g, SD3 if kind == "flow" else SD15, scheduler="simple" if kind == "flow" else "karras")
+    empty = g.node("EmptyLatentImage" if kind == "eps" else "EmptySD3LatentImage", width=64, height=64,
+                   batch_size=2).out
+    for variant in ("auto", chosen, other):
+        sample = s.sampler_custom(s.sampler(variant=variant), empty, s.sigmas(), add_noise=True)[0]
+        g.node("EITestCapture", label=f"rev_auto_{kind}_{variant}", latent=sample)
+    auto, same, different = run_and_capture(comfy, g, *(f"rev_auto_{kind}_{v}" for v in ("auto", chosen, other)))
+    assert (auto == same).all()
+    assert nmse_db(auto, different) > LIMIT_DB + 40
+
+
 def test_inversion_sampler_in_sampler_custom_hands_its_state_out_as_denoised_output(comfy):
     g = Graph()
     s = Setup(g, SD15, cfg=7.0, scheduler="karras")
-    inverter = g.node("ReversibleInversionSampler", variant="capped", gamma=1.0).out
+    inverter = g.node("ReversibleInversionSampler", variant="auto", gamma=1.0).out
     sigmas = g.node("InversionSigmas", model=s.model, scheduler="karras", steps=s.steps, denoise=1.0).out
     inverted = s.sampler_custom(inverter, s.image, sigmas)
     regenerated = s.sampler_custom(s.sampler(second_state=inverted[1]), inverted[0], s.sigmas())[0]
