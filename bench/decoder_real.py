@@ -103,8 +103,7 @@ def quantise(x):
 
 def worker(config_path, out_path):
     import copy
-    from inversion_ops.common import bf16_is_native
-    from inversion_ops.decoder import FINISH_DTYPE, METHODS, checkpointed
+    from inversion_ops.decoder import METHODS, checkpointed, hybrid_finish_dtype
     torch.set_num_threads(1)
     cfg = json.load(open(config_path))
     dtype = DTYPES[cfg["dtype"]]
@@ -114,7 +113,7 @@ def worker(config_path, out_path):
     x, photo, z0 = data["x"].to(device), data["photo"].to(device), data.get("z0")
     run_model, knobs = model.to(dtype), cfg["knobs"]
     if cfg["method"] == "hybrid":   # as the node builds it: the finish through a checkpointed copy, bf16 if native
-        finish_dtype = FINISH_DTYPE if dtype == torch.float32 and bf16_is_native(device) else dtype
+        finish_dtype = hybrid_finish_dtype(dtype, device, auto=dtype == torch.float32)   # fp32 rows: auto's
         finish = checkpointed(copy.deepcopy(model).to(finish_dtype) if finish_dtype != dtype else run_model)
         knobs = dict(knobs, finish_decode=finish.decode, finish_dtype=finish_dtype)
     with torch.no_grad():                                   # warm-up: kernels, allocator, workspaces

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .common import per_sample_rms, report, work_dtype
+from .common import bf16_is_native, per_sample_rms, report, work_dtype
 from .solvers import SampleTracker, adam_step
 
 # Defaults and policy, read by the node.
@@ -196,6 +196,12 @@ def invert_gradient(encode, decode, x, callback=None, disable=None, *, max_itera
     with torch.no_grad():
         _, z0, _ = _start(encode, x, dtype)
     return _pixel_adam(decode, x, z0, callback, max_iterations, lr, warmup, eps, tolerance, patience, dtype)
+
+
+def hybrid_finish_dtype(dtype, device, auto):
+    """The dtype hybrid's finish differentiates the decoder in: FINISH_DTYPE under precision auto where `device`
+    runs it natively (half the activation memory), else the run's own dtype."""
+    return FINISH_DTYPE if auto and bf16_is_native(device) else dtype
 
 
 def invert_hybrid(encode, decode, x, callback=None, disable=None, *, max_iterations=MAX_ITERATIONS,

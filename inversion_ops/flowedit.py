@@ -35,7 +35,8 @@ def flow_edit(model, x, sigmas, extra_args=None, callback=None, disable=None, so
     x0 = (x if source is None else source).to(device=x.device, dtype=work_dtype(x))
     mask = None if mask is None else mask.to(x0).expand_as(x0)
     steps, gens = len(sigmas) - 1, sample_generators(x.shape[0], seed)
-    first, edited = steps - min(int(n_max), steps), min(int(n_max), steps) - min(int(n_min), int(n_max), steps)
+    edit_steps = min(int(n_max), steps)
+    first, edited = steps - edit_steps, edit_steps - min(int(n_min), edit_steps)
     z_edit, z_tar = x0.clone(), None
     for i in range(first, steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -16,10 +16,10 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..inversion_ops.common import StepLog, bf16_is_native
+from ..inversion_ops.common import StepLog
 from ..inversion_ops.decoder import (
-    AUTO_DTYPE, DEFAULT_STEP, FINISH_DTYPE, MAX_ITERATIONS, METHOD, METHOD_NAMES, METHODS, MOMENTUM, STEP_OPTION,
-    TOLERANCE, auto_momentum_step, check_inertial_km, checkpointed,
+    AUTO_DTYPE, DEFAULT_STEP, MAX_ITERATIONS, METHOD, METHOD_NAMES, METHODS, MOMENTUM, STEP_OPTION, TOLERANCE,
+    auto_momentum_step, check_inertial_km, checkpointed, hybrid_finish_dtype,
 )
 from .sampling import to_intermediate
 from .ui import decoder_inversion_ui, schema
@@ -147,8 +147,7 @@ def invert_image(vae, image, method=METHOD, max_iterations=MAX_ITERATIONS, step_
     dtype = resolve_precision(vae, method, precision)
     pixels = prepare_pixels(vae, image)
     batch = images_per_run or _images_per_run(vae, pixels, dtype)
-    finish_dtype = FINISH_DTYPE if method == "hybrid" and precision == "auto" and bf16_is_native(vae.device) \
-        else dtype
+    finish_dtype = hybrid_finish_dtype(dtype, vae.device, precision == "auto") if method == "hybrid" else dtype
     model = _model_in(vae, dtype, method == "gradient" or (method == "hybrid" and finish_dtype == dtype))
     if method == "hybrid":   # the finish's VJP holds one segment's activations at a time, in bf16 where native
         finish = checkpointed(model if finish_dtype == dtype else _model_in(vae, finish_dtype, True))
